@@ -18,6 +18,12 @@ def potential_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() >= 4:
+        return t.reshape((-1,) + t.shape[-3:])
+    return t.reshape((1,) * (4 - t.dim()) + t.shape)
+
+
 @torch.library.custom_op("asag::sinkhorn_attention", mutates_args=())
 def sinkhorn_attention_op(
     q: torch.Tensor,
@@ -32,15 +38,15 @@ def sinkhorn_attention_op(
     """Sinkhorn attention over validated ``[..., N, D]`` tensors; returns (out, f, g)."""
     lead = q.shape[:-2]
     nq, nk = q.shape[-2], k.shape[-2]
-    # Backends take [B, H, N, D]; these reshapes are views for the usual 3-D/4-D layouts.
-    q4, k4, v4 = (t.reshape((-1,) + t.shape[-3:]) if t.dim() >= 4 else t.reshape((1,) * (4 - t.dim()) + t.shape) for t in (q, k, v))
-    if q4.numel() == 0 or lead.numel() == 0 or nq == 0:
+    if lead.numel() == 0 or nq == 0:
         pot = potential_dtype(q.dtype)
         return (
             q.new_empty(lead + (nq, v.shape[-1])),
             q.new_empty(lead + (nq,), dtype=pot),
             q.new_zeros(lead + (nk,), dtype=pot),
         )
+    # Backends take [B, H, N, D]; these reshapes are views for the usual 2-D/3-D/4-D layouts.
+    q4, k4, v4 = (_as_4d(t) for t in (q, k, v))
     out, f, g = backends.run(
         backend, q4, k4, v4, num_iters=num_iters, cost_sign=_COST_SIGN[cost], scale=scale, epsilon=epsilon
     )

@@ -37,6 +37,9 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
         g = log_b - torch.logsumexp(logits + f.unsqueeze(-1), dim=-2)
 
     plan_rows = torch.softmax(logits + g.unsqueeze(-2), dim=-1)
-    out = (plan_rows @ v64).to(q.dtype).contiguous()
+    out = plan_rows @ v64
+    # out is a convex combination of v's rows, so an infinite entry can only come from non-finite
+    # inputs: SPEC §4 wants those to read as NaN.
+    out = out.masked_fill(out.isinf(), float("nan")).to(q.dtype).contiguous()
     pot_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out, f.to(pot_dtype), g.to(pot_dtype)

@@ -86,6 +86,8 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
             vh = v[b, hs].to(acc)
             for r0, r1 in row_ranges:
                 plan_rows = torch.softmax(logits(r0, r1) + gh.unsqueeze(-2), dim=-1)
-                out[b, hs, r0:r1] = torch.matmul(plan_rows, vh).to(q.dtype)
+                rows_out = torch.matmul(plan_rows, vh)
+                # A convex combination of v's rows is infinite only for non-finite inputs (-> NaN).
+                out[b, hs, r0:r1] = rows_out.masked_fill_(rows_out.isinf(), float("nan")).to(q.dtype)
             del cache
     return out, f, g

@@ -1,0 +1,86 @@
+"""Shared fixtures: the device under test, the backend parametrisation, fresh random inputs."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+# Triton's interpreter must be chosen before any kernel module is imported: without a GPU, the
+# triton backend runs its real kernels on CPU tensors through it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from asag_kernels import backends  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cuda":
+    # SPEC §4's float32 tolerance is for exact float32 products; TF32 has its own, looser budget.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+# (out relative Frobenius error, f/g max abs error) against the float64 reference, SPEC §4.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (5e-3, 2e-2),
+    torch.bfloat16: (2e-2, 5e-2),
+}
+
+
+def skip_reason(name: str, dtype: torch.dtype, device: torch.device = DEVICE) -> str | None:
+    return backends.unsupported_reason(name, device, dtype)
+
+
+def require_backend(name: str, dtype: torch.dtype = torch.float32, device: torch.device = DEVICE) -> None:
+    reason = skip_reason(name, dtype, device)
+    if reason is not None:
+        pytest.skip(f"backend {name!r} cannot run {dtype} on {device.type} here: {reason}")
+
+
+@pytest.fixture(params=backends.BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (inputs are never fixed), printed by assertions that use it."""
+    return random.SystemRandom().randrange(2**31)
+
+
+def make_inputs(lead, nq, nk, d, dv, dtype, seed, layout="contiguous", device=DEVICE):
+    """Random q [*lead, nq, d], k [*lead, nk, d], v [*lead, nk, dv], rounded to dtype.
+
+    layout "transposed" hands out [B, N, H, D]-storage views transposed to [B, H, N, D] (what
+    diffusers passes); "sliced" hands out views with a non-unit last-dim stride.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def one(n, width):
+        if layout == "transposed" and len(lead) >= 2:
+            base = torch.randn(*lead[:-2], lead[-2], n, lead[-1], width, generator=gen)
+            t = base.transpose(-3, -2)
+        elif layout == "sliced":
+            t = torch.randn(*lead, n, 2 * width, generator=gen)[..., ::2]
+        else:
+            t = torch.randn(*lead, n, width, generator=gen)
+        return t.to(device=device, dtype=dtype)
+
+    return one(nq, d), one(nk, d), one(nk, dv)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def pytest_report_header(config):
+    lines = [f"asag_kernels device under test: {DEVICE}"]
+    lines += [f"  backend {name}: {why}" for name, why in backends.backend_status().items()]
+    return lines

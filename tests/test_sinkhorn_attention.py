@@ -1,0 +1,292 @@
+"""The shared suite: every backend, compared with the float64 reference (SPEC §3-§5).
+
+A backend joins by name (conftest's `backend` fixture); cases it cannot run here are skipped with the
+backend's own reason (e.g. float64 on a float32-only kernel, no GPU). `ASAG_REQUIRE_BACKENDS`
+(comma-separated) turns "not available" into a failure, so CI cannot pass by skipping a backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import asag_kernels
+from asag_kernels import backends, sinkhorn_attention
+from conftest import DEVICE, TOLERANCES, make_inputs, max_abs_err, rel_err, require_backend
+
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+COSTS = ("adversarial", "standard")
+
+# (leading dims, Nq, Nk, D, Dv): ragged sizes, Nq != Nk, 3-D and 4-D, D in {16, 40, 64, 80, 128}.
+SHAPES = (
+    ((2, 3), 7, 7, 16, 16),
+    ((1, 2), 129, 65, 40, 40),
+    ((2,), 33, 129, 64, 32),
+    ((1, 1), 1, 1, 16, 16),
+    ((1, 2), 1, 7, 80, 80),
+    ((1, 1), 64, 96, 128, 128),
+    ((2, 1), 100, 37, 64, 64),
+)
+LAYOUTS = ("contiguous", "transposed", "sliced")
+ITERS = (0, 1, 2, 5, 3)
+EPSILONS = (1.0, 0.1, 0.5)
+
+
+def _reference(q, k, v, **kw):
+    return sinkhorn_attention(q.double(), k.double(), v.double(), backend="reference", return_potentials=True, **kw)
+
+
+def _check_against_reference(backend, q, k, v, seed, **kw):
+    out, f, g = sinkhorn_attention(q, k, v, backend=backend, return_potentials=True, **kw)
+    ref_out, ref_f, ref_g = _reference(q, k, v, **kw)
+    tol_out, tol_pot = TOLERANCES[q.dtype]
+    ctx = f"backend={backend} dtype={q.dtype} shape={tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} {kw} seed={seed}"
+    assert out.shape == q.shape[:-1] + v.shape[-1:] and out.dtype == q.dtype and out.is_contiguous(), ctx
+    assert f.shape == q.shape[:-1] and g.shape == k.shape[:-1], ctx
+    assert f.dtype == g.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32), ctx
+    assert torch.isfinite(out).all() and torch.isfinite(f).all() and torch.isfinite(g).all(), ctx
+    assert rel_err(out, ref_out) <= tol_out, f"out rel err {rel_err(out, ref_out):.3e} > {tol_out}: {ctx}"
+    assert max_abs_err(f, ref_f) <= tol_pot, f"f err {max_abs_err(f, ref_f):.3e} > {tol_pot}: {ctx}"
+    assert max_abs_err(g, ref_g) <= tol_pot, f"g err {max_abs_err(g, ref_g):.3e} > {tol_pot}: {ctx}"
+    return out
+
+
+# Shapes x dtypes, with cost/iterations/epsilon/layout cycled so that every value meets every
+# shape and dtype across the grid without a full product (the Triton interpreter is slow).
+GRID = [
+    pytest.param(shape, dtype, COSTS[i % 2], ITERS[i % 5], EPSILONS[i % 3], LAYOUTS[i % 3], id=f"{'x'.join(map(str, shape[0]))}-{shape[1]}x{shape[2]}x{shape[3]}-{str(dtype)[6:]}-{i}")
+    for i, (shape, dtype) in enumerate(itertools.product(SHAPES, DTYPES))
+]
+
+
+@pytest.mark.parametrize("shape,dtype,cost,num_iters,epsilon,layout", GRID)
+def test_matches_reference(backend, shape, dtype, cost, num_iters, epsilon, layout, seed):
+    require_backend(backend, dtype)
+    q, k, v = make_inputs(*shape, dtype, seed, layout)
+    _check_against_reference(backend, q, k, v, seed, num_iters=num_iters, cost=cost, epsilon=epsilon)
+
+
+@pytest.mark.parametrize("cost", COSTS)
+@pytest.mark.parametrize("num_iters", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("epsilon", [1.0, 0.05])
+def test_iterations_costs_epsilons(backend, cost, num_iters, epsilon, seed):
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((1, 2), 48, 40, 32, 32, torch.float32, seed)
+    _check_against_reference(backend, q, k, v, seed, num_iters=num_iters, cost=cost, epsilon=epsilon)
+
+
+def test_explicit_scale(backend, seed):
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((2, 2), 20, 30, 16, 8, torch.float32, seed)
+    _check_against_reference(backend, q, k, v, seed, num_iters=2, scale=0.7, epsilon=0.5)
+
+
+def test_five_dim_inputs(backend, seed):
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((2, 2, 2), 9, 11, 16, 16, torch.float32, seed)
+    _check_against_reference(backend, q, k, v, seed, num_iters=1)
+
+
+# ---- properties of SPEC §3 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zero_iterations_standard_is_sdpa(backend, dtype, seed):
+    require_backend(backend, dtype)
+    q, k, v = make_inputs((2, 3), 77, 50, 64, 64, dtype, seed)
+    out = sinkhorn_attention(q, k, v, num_iters=0, cost="standard", epsilon=1.0, backend=backend)
+    sdpa = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert rel_err(out, sdpa) <= TOLERANCES[dtype][0], f"seed={seed}"
+
+
+def _logits64(q, k, cost, epsilon, scale=None):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    sign = -1.0 if cost == "adversarial" else 1.0
+    return sign * scale * (q.double() @ k.double().transpose(-1, -2)) / epsilon
+
+
+@pytest.mark.parametrize("cost", COSTS)
+def test_column_marginals_exact_after_column_update(backend, cost, seed):
+    dtype = torch.float64 if backend in ("reference", "torch") else torch.float32
+    require_backend(backend, dtype)
+    q, k, v = make_inputs((1, 2), 45, 60, 32, 16, dtype, seed)
+    for num_iters in (1, 3):
+        _, f, g = sinkhorn_attention(q, k, v, num_iters=num_iters, cost=cost, backend=backend, return_potentials=True)
+        plan = torch.exp(_logits64(q, k, cost, 1.0) + f.double().unsqueeze(-1) + g.double().unsqueeze(-2))
+        col_err = (plan.sum(-2) * k.shape[-2] - 1).abs().max().item()
+        assert col_err <= (1e-10 if dtype == torch.float64 else 1e-3), f"num_iters={num_iters} seed={seed}"
+
+
+def test_row_marginal_error_decreases(backend, seed):
+    dtype = torch.float64 if backend in ("reference", "torch") else torch.float32
+    require_backend(backend, dtype)
+    q, k, v = make_inputs((1, 1), 50, 70, 16, 16, dtype, seed)
+    errors = []
+    for num_iters in range(1, 7):
+        _, f, g = sinkhorn_attention(q, k, v, num_iters=num_iters, backend=backend, return_potentials=True)
+        plan = torch.exp(_logits64(q, k, "adversarial", 1.0) + f.double().unsqueeze(-1) + g.double().unsqueeze(-2))
+        errors.append((plan.sum(-1) * q.shape[-2] - 1).abs().sum().item())
+    slack = 1e-9 if dtype == torch.float64 else 1e-4
+    assert all(b <= a + slack for a, b in zip(errors, errors[1:])), f"{errors} seed={seed}"
+    assert errors[-1] < errors[0], f"{errors} seed={seed}"
+
+
+def test_row_shift_invariance(backend, seed):
+    """A per-row constant added to L leaves out unchanged. It is made through the inputs: an extra
+    feature that is 1 for every key and alpha_i for query i adds scale*alpha_i to row i."""
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((1, 2), 40, 56, 31, 16, torch.float32, seed)
+    alpha = torch.randn(q.shape[:-1] + (1,), generator=torch.Generator().manual_seed(seed)).to(q) * 3
+    q2 = torch.cat([q, alpha], dim=-1)
+    k2 = torch.cat([k, torch.ones(k.shape[:-1] + (1,), dtype=k.dtype, device=k.device)], dim=-1)
+    for cost in COSTS:
+        base = sinkhorn_attention(q, k, v, num_iters=2, cost=cost, scale=0.2, backend=backend)
+        shifted = sinkhorn_attention(q2, k2, v, num_iters=2, cost=cost, scale=0.2, backend=backend)
+        assert rel_err(shifted, base) <= 1e-5, f"cost={cost} seed={seed}"
+
+
+@pytest.mark.parametrize("cost", COSTS)
+def test_output_is_convex_combination_of_values(backend, cost, seed):
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((2, 2), 33, 47, 16, 24, torch.float32, seed)
+    v = v * 10 + 5
+    out = sinkhorn_attention(q, k, v, num_iters=3, cost=cost, epsilon=0.3, backend=backend)
+    lo = v.amin(dim=-2, keepdim=True) - 1e-4 * v.abs().amax()
+    hi = v.amax(dim=-2, keepdim=True) + 1e-4 * v.abs().amax()
+    assert ((out >= lo) & (out <= hi)).all(), f"seed={seed}"
+    ones = sinkhorn_attention(q, k, torch.ones_like(v), num_iters=3, cost=cost, backend=backend)
+    assert torch.allclose(ones, torch.ones_like(ones), atol=1e-5), f"seed={seed}"
+
+
+# ---- robustness -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("epsilon", [1e-3, 1e-2])
+def test_extreme_logits_stay_finite(backend, epsilon, seed):
+    """|L| reaches ~1e4: tiny epsilon and large-norm outlier keys."""
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((1, 2), 40, 52, 16, 16, torch.float32, seed)
+    k[..., 3, :] *= 30.0
+    logits = _logits64(q, k, "adversarial", epsilon)
+    assert logits.abs().max() > 1e3
+    for cost in COSTS:
+        out, f, g = sinkhorn_attention(q, k, v, num_iters=3, cost=cost, epsilon=epsilon, backend=backend, return_potentials=True)
+        assert torch.isfinite(out).all() and torch.isfinite(f).all() and torch.isfinite(g).all(), f"cost={cost} seed={seed}"
+        lo, hi = v.amin(-2, keepdim=True) - 1e-3, v.amax(-2, keepdim=True) + 1e-3
+        assert ((out >= lo) & (out <= hi)).all(), f"cost={cost} seed={seed}"
+
+
+def test_negligible_columns(backend, seed):
+    """Keys that every row gives (almost) no weight: their potentials grow large but stay finite
+    and the result still matches the reference."""
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((1, 2), 64, 48, 16, 16, torch.float32, seed)
+    direction = q.mean(dim=-2, keepdim=True)
+    k[..., :4, :] = 6.0 * direction / direction.norm(dim=-1, keepdim=True)  # adversarial: similar = expensive
+    q = q + 2.0 * direction
+    for num_iters in (0, 2):
+        _check_against_reference(backend, q, k, v, seed, num_iters=num_iters, cost="adversarial", epsilon=0.2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_non_finite_inputs_propagate_to_nan(backend, bad, where, seed):
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((2, 2), 21, 19, 16, 16, torch.float32, seed)
+    {"q": q, "k": k, "v": v}[where][1, 0, 5, 3] = bad
+    out, f, g = sinkhorn_attention(q, k, v, num_iters=2, backend=backend, return_potentials=True)
+    assert not torch.isinf(out).any(), "non-finite inputs must give NaN, never Inf"
+    assert torch.isnan(out[1, 0]).any(), f"{where}={bad} did not reach out[1, 0]"
+    if where in ("q", "k"):  # a bad logit reaches every row through the column potentials
+        assert torch.isnan(out[1, 0]).all()
+    clean = torch.ones(out.shape[:2], dtype=torch.bool)
+    clean[1, 0] = False
+    assert torch.isfinite(out[clean]).all(), "other (batch, head) pairs must stay finite"
+
+
+def test_deterministic(backend, seed):
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((2, 2), 130, 70, 64, 64, torch.float32, seed)
+    first = sinkhorn_attention(q, k, v, num_iters=2, backend=backend, return_potentials=True)
+    for _ in range(2):
+        again = sinkhorn_attention(q, k, v, num_iters=2, backend=backend, return_potentials=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lead,nq", [((2, 3), 0), ((0, 3), 5), ((2, 0), 5)])
+def test_empty_queries_or_batch(backend, lead, nq):
+    require_backend(backend, torch.float32)
+    q = torch.randn(*lead, nq, 16, device=DEVICE)
+    k = torch.randn(*lead, 9, 16, device=DEVICE)
+    v = torch.randn(*lead, 9, 8, device=DEVICE)
+    out, f, g = sinkhorn_attention(q, k, v, backend=backend, return_potentials=True)
+    assert out.shape == (*lead, nq, 8) and f.shape == (*lead, nq) and g.shape == (*lead, 9)
+
+
+# ---- the custom op -----------------------------------------------------------------------------
+
+def test_opcheck(backend, seed):
+    require_backend(backend, torch.float32)
+    q, k, v = make_inputs((1, 2), 17, 12, 16, 8, torch.float32, seed, layout="transposed")
+    torch.library.opcheck(torch.ops.asag.sinkhorn_attention.default, (q, k, v, 2, "adversarial", 0.25, 1.0, backend))
+
+
+def test_torch_compile_fullgraph(seed):
+    name = backends.resolve_auto(DEVICE, torch.float32)
+    q, k, v = make_inputs((1, 2), 33, 20, 16, 16, torch.float32, seed)
+
+    def layer(q, k, v):
+        return sinkhorn_attention(q * 2.0, k, v, num_iters=2, epsilon=0.5) + 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    got = compiled(q, k, v)
+    want = sinkhorn_attention(q * 2.0, k, v, num_iters=2, epsilon=0.5, backend=name) + 1.0
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"auto backend {name}, seed={seed}"
+
+
+# ---- availability and dispatch -----------------------------------------------------------------
+
+def test_status_lists_every_backend():
+    status = asag_kernels.backend_status()
+    assert list(status) == ["reference", "torch", "cpu", "triton", "cuda"]
+    assert status["reference"] == status["torch"] == "ok"
+    assert set(asag_kernels.available_backends()) == {n for n, s in status.items() if s == "ok"}
+    for name, why in status.items():
+        assert why == "ok" or len(why) > 10, f"{name}: status must say why it is unusable, got {why!r}"
+
+
+def test_required_backends_are_available():
+    required = [n for n in os.environ.get("ASAG_REQUIRE_BACKENDS", "").split(",") if n]
+    if not required:
+        pytest.skip("ASAG_REQUIRE_BACKENDS is not set (CI sets it so a missing backend fails)")
+    status = asag_kernels.backend_status()
+    missing = {n: status[n] for n in required if status[n] != "ok"}
+    assert not missing, f"required backends unavailable: {missing}"
+
+
+def test_auto_prefers_kernels():
+    cpu = torch.device("cpu")
+    assert backends.resolve_auto(cpu, torch.float64) == "torch"
+    expected_cpu = "cpu" if backends.unsupported_reason("cpu", cpu, torch.float32) is None else "torch"
+    assert backends.resolve_auto(cpu, torch.float32) == expected_cpu
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        for name in ("triton", "cuda", "torch"):
+            if backends.unsupported_reason(name, dev, torch.bfloat16) is None:
+                assert backends.resolve_auto(dev, torch.bfloat16) == name
+                break
+
+
+def test_explicit_backend_never_falls_back():
+    q = torch.randn(1, 1, 4, 8)
+    unusable = [n for n in backends.BACKENDS if backends.unsupported_reason(n, q.device, q.dtype) is not None]
+    if not unusable:
+        pytest.skip("every backend can run CPU float32 here")
+    for name in unusable:
+        with pytest.raises(ValueError, match=f"backend='{name}'.*Available backends"):
+            sinkhorn_attention(q, q, q, backend=name)
