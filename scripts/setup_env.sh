@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Makes ./.venv with torch (the pinned CPU wheel by default) and asag_kernels installed editable with
+# every extra, which builds the C++ CPU extension. Safe to rerun: it skips what is already there.
+# Sourced by scripts/test.sh and scripts/bench.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TORCH_SPEC="torch==${ASAG_TORCH_VERSION:-2.13.0}"   # pinned here (a CPU wheel on this machine), never in the package
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q "setuptools>=64" wheel ninja "$TORCH_SPEC"
+if ! python -c "import asag_kernels._C_cpu" 2>/dev/null || [ "${ASAG_REINSTALL:-0}" = 1 ]; then
+  # No build isolation: the extension must build against the torch installed above, and an isolated
+  # build environment would fetch another (multi-gigabyte CUDA) torch.
+  MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation -e ".[test,triton,diffusers,bench]"
+fi
+python -c "import asag_kernels as a; print('asag_kernels', a.__version__, a.backend_status())"
