@@ -33,8 +33,8 @@ import triton.language as tl
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The interpreter is slow per tile and cannot autotune: one small configuration.
-INTERPRETER_BLOCK_M = 32
-INTERPRETER_BLOCK_N = 32
+INTERPRETER_BLOCK_M = 64
+INTERPRETER_BLOCK_N = 64
 
 
 def _potential_configs():
