@@ -14,6 +14,7 @@ only under ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests).
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -53,28 +54,31 @@ def triton_missing_reason(spec, repo_kernel_dir: str = _SOURCE_KERNEL_DIR) -> st
 
 
 def _load_kernel_module(name: str) -> ModuleType:
-    """``asag_kernels.triton_kernels.<name>`` when installed, else ``<repo>/triton/<name>.py``."""
-    packaged = f"asag_kernels.triton_kernels.{name}"
+    """Import ``asag_kernels.triton_kernels.<name>``, mapping that package to ``<repo>/triton`` if needed.
+
+    A wheel installs the package itself. An editable install cannot (setuptools' editable finder
+    does not resolve a sub-package without ``__init__.py`` mapped to another folder) and a plain
+    source checkout has no mapping at all; there the package is registered here as a namespace
+    package over ``<repo>/triton``, as setup.py's ``package_dir`` does, so the kernels always load
+    under one module name.
+    """
+    package = "asag_kernels.triton_kernels"
     try:
-        return importlib.import_module(packaged)
+        return importlib.import_module(f"{package}.{name}")
     except ModuleNotFoundError as exc:
-        if exc.name not in (packaged, "asag_kernels.triton_kernels"):
-            raise
-    path = os.path.join(_SOURCE_KERNEL_DIR, f"{name}.py")
-    if not os.path.isfile(path):
-        raise ModuleNotFoundError(f"Triton kernel module {packaged} is not installed and {path} does not exist")
-    module_name = f"_asag_triton_kernels_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # triton.jit reads the source through the module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
+        if exc.name not in (package, f"{package}.{name}"):
+            raise  # something the kernel module imports is missing
+    if not os.path.isfile(os.path.join(_SOURCE_KERNEL_DIR, f"{name}.py")):
+        raise ModuleNotFoundError(f"{package}.{name} is not installed and {_SOURCE_KERNEL_DIR}/{name}.py does not exist")
+    if package not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(package, None, is_package=True)
+        spec.submodule_search_locations = [_SOURCE_KERNEL_DIR]
+        sys.modules[package] = importlib.util.module_from_spec(spec)
+    else:
+        search = sys.modules[package].__path__
+        if _SOURCE_KERNEL_DIR not in list(search):
+            search.append(_SOURCE_KERNEL_DIR)
+    return importlib.import_module(f"{package}.{name}")
 
 
 def _kernel_module() -> ModuleType | None:
