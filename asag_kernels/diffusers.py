@@ -602,8 +602,11 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         if not self._current_is_perturbed():
             return
         for name, module in _self_attention_modules(denoiser, self.layers).items():
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            if registry.get_hook(self._hook_name) is not None:  # left behind by a pass that raised
+                registry.remove_hook(self._hook_name, recurse=False)
             hook = _SinkhornAttentionHook(name, self.settings)
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, self._hook_name)
+            registry.register_hook(hook, self._hook_name)
             self._hooks.append((module, hook))
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:

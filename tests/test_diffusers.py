@@ -190,7 +190,7 @@ def _embeds(batch: int = 1, tokens: int = 6, dim: int = CROSS_DIM, seed: int = 0
 
 def _sd_pipe():
     pipe = StableDiffusionPAGPipeline(
-        vae=_tiny_vae(), text_encoder=None, tokenizer=None, unet=_tiny_unet(), scheduler=DDIMScheduler(),
+        vae=_tiny_vae(), text_encoder=None, tokenizer=None, unet=_tiny_unet(), scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
         pag_applied_layers=["mid"],
     )
@@ -224,7 +224,7 @@ def _controlnet_pipe():
     )
     pipe = StableDiffusionControlNetPAGPipeline(
         vae=_tiny_vae(), text_encoder=None, tokenizer=None, unet=_tiny_unet(), controlnet=controlnet,
-        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None, image_encoder=None,
         requires_safety_checker=False, pag_applied_layers=["mid"],
     )
     pipe.set_progress_bar_config(disable=True)
@@ -501,3 +501,72 @@ def test_guider_in_a_modular_sdxl_pipeline():
     assert (asag - cfg_only).abs().max() > 1e-4
     assert (asag - pag).abs().max() > 1e-4
     assert generate(AdversarialSinkhornGuidance(guidance_scale=5.0, asag_scale=0.0)).equal(cfg_only)
+
+
+@torch.no_grad()
+def test_guider_on_joint_attention_matches_the_joint_processor():
+    transformer = _tiny_sd3_transformer().eval()
+    g = _seeded(6)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    cond, uncond = _embeds()
+    pooled = torch.randn(1, POOLED_DIM, generator=g)
+    t = torch.tensor([500.0])
+    guider = AdversarialSinkhornGuidance(guidance_scale=1.0, layers="transformer_blocks.1")
+    guider.set_state(step=0, num_inference_steps=2, timestep=t)
+    preds = {}
+    for batch in guider.prepare_inputs({"encoder_hidden_states": (cond, uncond)}):
+        guider.prepare_models(transformer)
+        preds[batch.__guidance_identifier__] = transformer(
+            hidden_states=latents, encoder_hidden_states=batch.encoder_hidden_states, pooled_projections=pooled,
+            timestep=t, return_dict=False,
+        )[0]
+        guider.cleanup_models(transformer)
+    assert list(preds) == ["pred_cond", "pred_cond_asag"]
+
+    transformer.transformer_blocks[1].attn.set_processor(ASAGJointAttnProcessor())
+    both = transformer(
+        hidden_states=latents.repeat(2, 1, 1, 1), encoder_hidden_states=cond.repeat(2, 1, 1),
+        pooled_projections=pooled.repeat(2, 1), timestep=t.repeat(2), return_dict=False,
+    )[0]
+    torch.testing.assert_close(both[:1], preds["pred_cond"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1:], preds["pred_cond_asag"], rtol=1e-5, atol=1e-5)
+    assert (preds["pred_cond_asag"] - preds["pred_cond"]).abs().max() > 1e-4
+
+
+def test_import_without_diffusers_names_the_extra():
+    import subprocess
+    import sys
+
+    # diffusers made unimportable: the core package still imports, the integration says what to install
+    code = (
+        "import sys; sys.modules['diffusers'] = None\n"
+        "import asag_kernels; print('CORE-OK')\n"
+        "try:\n    import asag_kernels.diffusers\n"
+        "except ImportError as exc:\n    print('IMPORT-ERROR:', exc)\n"
+    )
+    root = os.path.dirname(os.path.dirname(asag_kernels.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "CORE-OK" in out
+    assert "IMPORT-ERROR:" in out and "asag-kernels[diffusers]" in out
+
+
+def test_example_grid_script_smoke_test(tmp_path, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "asag_sdxl_grid.py")
+    spec = importlib.util.spec_from_file_location("asag_sdxl_grid", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "grid.png"
+    assert example.main(["--smoke-test", "--out", str(out)]) == 0
+    from PIL import Image
+
+    grid = Image.open(out)
+    assert grid.size[0] == 3 * 32 and grid.size[1] > 32
+    assert "ASAG 1.5, T=2, eps=1" in capsys.readouterr().out
+    # without cached weights it explains how to get them instead of downloading
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["--model", "asag-kernels-tests/no-such-model", "--device", "cpu", "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
+    assert "hf download asag-kernels-tests/no-such-model" in capsys.readouterr().err
