@@ -1,0 +1,210 @@
+"""The benchmark CLI keeps working: `asag-bench --quick` end to end, its JSON schema and values, and
+the pieces its numbers rest on (the naive baseline, the peak-memory probe, the head-sliced error)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asag_kernels import bench, sinkhorn_attention
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED_TOP = {"device": str, "torch": str, "asag_kernels": str, "results": list}
+REQUIRED_ROW = ("shape", "backend", "dtype", "num_iters", "median_ms", "vs_sdpa", "peak_mem_mib", "rel_err")
+
+
+def _env() -> dict:
+    # The subprocess must import this checkout's package even when it is not installed.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(cmd: list[str], tmp_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def check_report(report: dict, *, shapes: set[str], must_time: set[str]) -> None:
+    for key, kind in REQUIRED_TOP.items():
+        assert isinstance(report.get(key), kind), f"top-level {key!r} missing or not {kind.__name__}: {report.get(key)!r}"
+    assert report["asag_kernels"] == bench.asag_kernels.__version__
+    rows = report["results"]
+    assert rows, "no result rows"
+    for row in rows:
+        for key in REQUIRED_ROW:
+            assert key in row, f"row lacks {key!r}: {row}"
+        assert row["shape"] in shapes
+        assert isinstance(row["num_iters"], int) and row["num_iters"] >= 0
+    timed = [r for r in rows if not r.get("skipped") and not r.get("error")]
+    assert not [r for r in rows if r.get("error")], [r["error"] for r in rows if r.get("error")]
+    assert must_time <= {r["backend"] for r in timed}, f"expected timed rows for {must_time}: {rows}"
+    for row in timed:
+        assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, row
+        assert math.isfinite(row["vs_sdpa"]) and row["vs_sdpa"] > 0, row
+        assert row["peak_mem_mib"] is None or (math.isfinite(row["peak_mem_mib"]) and row["peak_mem_mib"] >= 0), row
+        # float32 inputs: SPEC §4 bounds every backend at 1e-5 (sdpa against float64 softmax attention).
+        assert row["dtype"] == "float32"
+        assert 0 <= row["rel_err"] <= 1e-5, row
+        assert row["within_tolerance"] is True
+        assert row["passes"] == (1 if row["backend"] == "sdpa" else 2 * row["num_iters"] + 1)
+        if row["backend"] == "sdpa":
+            assert row["vs_sdpa"] == 1.0 and row["num_iters"] == 0
+
+
+@pytest.mark.slow
+def test_console_script_quick_json(tmp_path):
+    exe = shutil.which("asag-bench")
+    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from asag_kernels.bench import main; sys.exit(main())"]
+    out_json = tmp_path / "bench.json"
+    proc = _run(cmd + ["--quick", "--json", str(out_json), "--no-progress"], tmp_path)
+    report = json.loads(out_json.read_text())
+    check_report(report, shapes={"tiny-96"}, must_time={"sdpa", "naive", "torch"})
+    assert {r["backend"] for r in report["results"]} >= {"sdpa", "naive", "torch"}
+    # The readable table and the provenance header are on stdout.
+    assert "median ms" in proc.stdout and "vs sdpa" in proc.stdout
+    assert report["device"] in proc.stdout and "command:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_module_entry_quick(tmp_path):
+    proc = _run([sys.executable, "-m", "asag_kernels.bench", "--quick"], tmp_path)
+    table = proc.stdout.split("median ms", 1)[1]
+    for backend in ("sdpa", "naive", "torch"):
+        assert f" {backend} " in table
+
+
+@pytest.mark.slow
+def test_subprocess_rows_csv_and_plot(tmp_path):
+    """The CPU default: each row in a fresh subprocess, its peak memory probed there; CSV and PNG out."""
+    out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    cmd = [sys.executable, "-m", "asag_kernels.bench", "--isolation", "subprocess", "--shapes", "4x64x8",
+           "--backends", "torch", "--iters", "0,3", "--repeat", "2", "--no-progress",
+           "--json", str(out_json), "--csv", str(out_csv)]
+    try:
+        import matplotlib  # noqa: F401
+
+        cmd += ["--plot", str(out_png)]
+    except ImportError:
+        out_png = None
+    _run(cmd, tmp_path)
+    report = json.loads(out_json.read_text())
+    check_report(report, shapes={"4x64x8"}, must_time={"sdpa", "torch"})
+    rows = report["results"]
+    assert sorted((r["backend"], r["num_iters"]) for r in rows) == [("sdpa", 0), ("torch", 0), ("torch", 3)]
+    assert all(r["peak_mem_mib"] is not None for r in rows)
+    assert "fresh subprocess" in report["provenance"]["peak_mem_method"]
+    lines = out_csv.read_text().splitlines()
+    assert lines[0].startswith("shape,backend,dtype,num_iters,median_ms,vs_sdpa,peak_mem_mib,rel_err")
+    assert len(lines) == 1 + len(rows)
+    if out_png is not None:
+        assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_naive_skipped_over_memory_budget(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    # naive's temporaries: 4 x 3 x 96 x 96 float32 = 0.42 MiB for tiny-96, 4 x 2 x 48 x 48 = 0.07 MiB for 2x48x8.
+    rc = bench.main(["--quick", "--shapes", "tiny-96,2x48x8", "--backends", "naive", "--repeat", "1",
+                     "--mem-budget-mib", "0.3", "--no-progress", "--json", str(out_json)])
+    assert rc == 0
+    rows = {(r["shape"], r["backend"]): r for r in json.loads(out_json.read_text())["results"]}
+    assert set(rows) == {("tiny-96", "sdpa"), ("tiny-96", "naive"), ("2x48x8", "sdpa"), ("2x48x8", "naive")}
+    skipped = rows[("tiny-96", "naive")]
+    assert "0.4 MiB, over the 0.3 MiB budget" in skipped["skipped"]
+    assert skipped["median_ms"] is None and skipped["rel_err"] is None
+    assert rows[("2x48x8", "naive")].get("skipped") is None and rows[("2x48x8", "naive")]["median_ms"] > 0
+    assert "skipped: its [H, N, N] temporaries" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2(capsys):
+    for argv, needle in (
+        (["--shapes", "nope"], "unknown shape"),
+        (["--backends", "sdpa,fast"], "unknown ['fast']"),
+        (["--iters", "-1"], "--iters"),
+        (["--warmup", "0"], "--warmup"),
+        (["--repeat", "0"], "--repeat"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_iters", [0, 1, 3])
+def test_naive_baseline_matches_reference(num_iters):
+    q, k, v = bench.make_inputs((2, 37, 8), torch.float64, torch.device("cpu"), seed=torch.seed() % 2**31)
+    scale = 1 / math.sqrt(8)
+    ours = bench.naive_sinkhorn_attention(q, k, v, num_iters=num_iters, scale=scale)
+    ref = sinkhorn_attention(q, k, v, num_iters=num_iters, cost="adversarial", backend="reference")
+    assert bench.relative_error(ours, ref) < 1e-12
+
+
+def test_oracle_on_head_slice_equals_full_problem_heads():
+    """Heads are independent: the oracle on heads {0, H-1} is those heads of the full problem."""
+    q, k, v = bench.make_inputs((5, 40, 8), torch.float32, torch.device("cpu"), seed=torch.seed() % 2**31)
+    heads = bench.error_heads(5)
+    assert heads == [0, 4]
+    sliced, name = bench.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=2**30)
+    assert "reference" in name
+    full = sinkhorn_attention(q.double(), k.double(), v.double(), num_iters=2, backend="reference")
+    assert torch.equal(sliced, full[:, heads])
+    # Over the budget the float64 torch backend stands in for the materialising reference.
+    streamed, name = bench.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=1)
+    assert "torch" in name and bench.relative_error(streamed, sliced) < 1e-12
+    softmax, _ = bench.oracle_output(q, k, v, backend="sdpa", num_iters=2, heads=heads, mem_budget=2**30)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())[:, heads]
+    assert bench.relative_error(softmax, sdpa) < 1e-12
+
+
+def test_relative_error_detects_a_wrong_head():
+    q, k, v = bench.make_inputs((3, 32, 8), torch.float32, torch.device("cpu"), seed=torch.seed() % 2**31)
+    ref, _ = bench.oracle_output(q, k, v, backend="torch", num_iters=2, heads=[0, 2], mem_budget=2**30)
+    out = sinkhorn_attention(q, k, v, num_iters=2, backend="torch")
+    assert bench.relative_error(out[:, [0, 2]], ref) < 1e-5
+    assert bench.relative_error(out[:, [0, 1]], ref) > 1e-2
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_cpu_peak_memory_probe_sees_an_allocation_and_not_earlier_ones():
+    device = torch.device("cpu")
+    earlier = torch.ones(48 * 2**20 // 4)  # touched before the probe: must not count
+    with bench.PeakMemory(device) as probe:
+        held = torch.ones(32 * 2**20 // 4)
+        del held
+    assert probe.mib is not None and 30 <= probe.mib < 45, probe.mib
+    with bench.PeakMemory(device) as probe:
+        pass
+    assert probe.mib is not None and probe.mib < 8, probe.mib
+    del earlier
+
+
+def test_measure_row_in_process_reports_interleaved_sdpa_and_determinism():
+    q, k, v = bench.make_inputs((2, 50, 8), torch.float32, torch.device("cpu"))
+    row = bench.measure_row("torch", q, k, v, num_iters=2, warmup=1, repeat=3, heads=[0, 1])
+    assert len(row["times_ms"]) == 3 and len(row["sdpa_times_ms"]) == 3
+    assert all(t > 0 for t in row["times_ms"] + row["sdpa_times_ms"])
+    assert row["out_heads"].shape == (1, 2, 50, 8)
+    assert row["deterministic"] is True
+    full = sinkhorn_attention(q, k, v, num_iters=2, backend="torch")
+    assert torch.equal(row["out_heads"], full[:, [0, 1]])
+
+
+def test_format_table_marks_skips_errors_and_tolerance():
+    base = dict(median_ms=1.0, vs_sdpa=2.0, peak_mem_mib=3.0, rel_err=1e-3, within_tolerance=False, deterministic=True)
+    rows = [
+        bench._result_row("tiny-96", (3, 96, 16), "torch", torch.float32, 2, **base),
+        bench._result_row("tiny-96", (3, 96, 16), "naive", torch.float32, 2, skipped="too big"),
+        bench._result_row("tiny-96", (3, 96, 16), "cpu", torch.float32, 2, error="RuntimeError: boom"),
+    ]
+    table = bench.format_table(rows).splitlines()
+    assert "over SPEC" in table[2] and "skipped: too big" in table[3] and "ERROR RuntimeError: boom" in table[4]
+    assert "3x96x16" in table[2] and " 5 " in table[2]  # passes = 2T + 1
