@@ -67,17 +67,29 @@ def _attention_configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Above head dim 128, keep tiles whose operands still fit shared memory (at most 2 stages)."""
-    width = max(kwargs.get("D_PAD", 16), kwargs.get("DV_PAD", 16))
-    if INTERPRETING or width <= 128:
+# Below this many rows or columns a pass is too short for the tile choice to matter; the first
+# configuration is used without benchmarking (also keeps test suites from compiling every config).
+AUTOTUNE_MIN_SIZE = 1024
+# ASAG_TRITON_AUTOTUNE=0 pins the first configuration everywhere: results are then bitwise
+# reproducible across processes too (autotuning may pick other tiles, which reorders the sums).
+AUTOTUNE = os.environ.get("ASAG_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Above head dim 128 keep tiles whose operands fit shared memory; small or pinned: one config."""
+    if INTERPRETING:
         return configs
-    kept = {}
-    for c in configs:
-        if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] <= 128:
-            small = triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=min(c.num_stages, 2))
-            kept.setdefault((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, small.num_stages), small)
-    return list(kept.values()) or configs[:1]
+    width = max(kwargs.get("D_PAD", 16), kwargs.get("DV_PAD", 16))
+    if width > 128:
+        kept = {}
+        for c in configs:
+            if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] <= 128:
+                stages = min(c.num_stages, 2)
+                key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, stages)
+                kept.setdefault(key, triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
+        configs = list(kept.values()) or configs[:1]
+    small = min(named_args["rows_bucket"], named_args["cols_bucket"]) < AUTOTUNE_MIN_SIZE
+    return configs[:1] if small or not AUTOTUNE else configs
 
 
 def size_bucket(n: int) -> int:
@@ -95,7 +107,7 @@ def _head_offset(program_bh, heads, stride_b, stride_h):
 @triton.autotune(
     configs=_potential_configs(),
     key=["rows_bucket", "cols_bucket", "D_PAD", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_for_head_dim},
+    prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
 def potential_pass_kernel(
@@ -162,7 +174,7 @@ def potential_pass_kernel(
 @triton.autotune(
     configs=_attention_configs(),
     key=["rows_bucket", "cols_bucket", "D_PAD", "DV_PAD", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_for_head_dim},
+    prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
 def attention_pass_kernel(
