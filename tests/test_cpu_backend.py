@@ -1,0 +1,204 @@
+"""The fused C++ CPU backend beyond the shared suite: its binding's input checks, the workspace
+budget (fully cached, partly cached and fully streamed rows give the reference's answer), the
+underflow fallbacks of the cached path, thread-count independence and the env parsing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from asag_kernels import sinkhorn_attention
+from asag_kernels.backends import cpu as cpu_backend
+from asag_kernels.backends import reference
+
+from conftest import TOLERANCES, make_inputs, max_abs_err, rel_err
+
+pytestmark = pytest.mark.skipif(cpu_backend.status() != "ok", reason=f"cpu backend: {cpu_backend.status()}")
+
+MIB = 2**20
+
+
+def _ext():
+    from asag_kernels import _C_cpu
+
+    return _C_cpu
+
+
+def _reference(q, k, v, num_iters, cost_sign, scale, epsilon):
+    return reference.run(q.double(), k.double(), v.double(), num_iters=num_iters, cost_sign=cost_sign, scale=scale, epsilon=epsilon)
+
+
+def _assert_matches(got, ref, dtype, ctx):
+    out, f, g = got
+    r_out, r_f, r_g = ref
+    tol_out, tol_pot = TOLERANCES[dtype]
+    assert out.dtype == dtype and out.is_contiguous() and f.dtype == g.dtype == torch.float32, ctx
+    assert torch.isfinite(out).all() and torch.isfinite(f).all() and torch.isfinite(g).all(), ctx
+    assert rel_err(out, r_out) <= tol_out, f"out {rel_err(out, r_out):.2e}: {ctx}"
+    assert max_abs_err(f, r_f) <= tol_pot, f"f {max_abs_err(f, r_f):.2e}: {ctx}"
+    assert max_abs_err(g, r_g) <= tol_pot, f"g {max_abs_err(g, r_g):.2e}: {ctx}"
+
+
+def _budgets(nq, nk):
+    """Workspace sizes that stream every row, cache some rows of each segment, and cache all."""
+    return [0, nk * 4 * (nq // 3) + 3 * MIB // 2, 64 * MIB]
+
+
+# ------------------------------------------------------------------------------------------------
+# The binding checks its own inputs (it is reachable without the API's validation).
+
+
+def test_binding_rejects_bad_inputs():
+    ext = _ext()
+    q = torch.randn(1, 2, 5, 4)
+    k = torch.randn(1, 2, 6, 4)
+    v = torch.randn(1, 2, 6, 3)
+    call = ext.sinkhorn_attention_cpu
+    with pytest.raises(RuntimeError, match="4-D"):
+        call(q[0], k[0], v[0], 1, 1.0, MIB)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        call(q.double(), k.double(), v.double(), 1, 1.0, MIB)
+    with pytest.raises(TypeError, match="one dtype"):
+        call(q, k.half(), v, 1, 1.0, MIB)
+    with pytest.raises(ValueError, match="last dim"):
+        call(q, torch.randn(1, 2, 6, 5), v, 1, 1.0, MIB)
+    with pytest.raises(ValueError, match="rows"):
+        call(q, k, torch.randn(1, 2, 7, 3), 1, 1.0, MIB)
+    with pytest.raises(ValueError, match=r"\[B, H\]"):
+        call(q, torch.randn(1, 3, 6, 4), v, 1, 1.0, MIB)
+    with pytest.raises(ValueError, match="Nk = 0"):
+        call(q, k[:, :, :0], v[:, :, :0], 1, 1.0, MIB)
+    with pytest.raises(ValueError, match="num_iters"):
+        call(q, k, v, -1, 1.0, MIB)
+    with pytest.raises(ValueError, match="logit_scale"):
+        call(q, k, v, 1, float("nan"), MIB)
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        call(q, k, v, 1, 1.0, -1)
+    with pytest.raises(RuntimeError, match="CPU tensor"):
+        call(q.to("meta"), k.to("meta"), v.to("meta"), 1, 1.0, MIB)
+
+
+def test_binding_empty_rows_and_heads():
+    ext = _ext()
+    out, f, g = ext.sinkhorn_attention_cpu(torch.randn(1, 2, 0, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5), 2, 1.0, MIB)
+    assert out.shape == (1, 2, 0, 5) and f.shape == (1, 2, 0) and g.shape == (1, 2, 3)
+    out, f, g = ext.sinkhorn_attention_cpu(torch.randn(0, 2, 4, 4), torch.randn(0, 2, 3, 4), torch.randn(0, 2, 3, 5), 2, 1.0, MIB)
+    assert out.shape == (0, 2, 4, 5)
+
+
+@pytest.mark.parametrize("raw", ["lots", "-1", "inf"])
+def test_bad_workspace_env_is_an_error(monkeypatch, raw):
+    monkeypatch.setenv("ASAG_CPU_WORKSPACE_MB", raw)
+    q, k, v = make_inputs((1, 1), 4, 4, 4, 4, torch.float32, 0)
+    with pytest.raises(ValueError, match="ASAG_CPU_WORKSPACE_MB"):
+        sinkhorn_attention(q, k, v, backend="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# The workspace budget: every split of rows between cache and streaming gives the reference.
+
+
+@pytest.mark.parametrize("num_iters", [0, 1, 3])
+@pytest.mark.parametrize("cost_sign", [-1.0, 1.0])
+def test_workspace_budgets_match_reference(num_iters, cost_sign, seed):
+    nq, nk = 333, 150  # several 64-row blocks, a short last one, Nq != Nk
+    q, k, v = make_inputs((2, 2), nq, nk, 24, 20, torch.float32, seed, layout="transposed")
+    scale = 24**-0.5
+    ref = _reference(q, k, v, num_iters, cost_sign, scale, 0.7)
+    for budget in _budgets(nq, nk):
+        got = _ext().sinkhorn_attention_cpu(q, k, v, num_iters, cost_sign * scale / 0.7, budget)
+        _assert_matches(got, ref, torch.float32, f"budget={budget} T={num_iters} sign={cost_sign} seed={seed}")
+
+
+def test_workspace_env_reaches_the_kernel(monkeypatch, seed):
+    """Through the API: a tiny ASAG_CPU_WORKSPACE_MB streams everything and still matches."""
+    q, k, v = make_inputs((1, 3), 200, 260, 32, 16, torch.float32, seed)
+    ref = _reference(q, k, v, 2, -1.0, 32**-0.5, 1.0)
+    results = []
+    for mb in ("0", "0.5", "256"):
+        monkeypatch.setenv("ASAG_CPU_WORKSPACE_MB", mb)
+        got = sinkhorn_attention(q, k, v, num_iters=2, backend="cpu", return_potentials=True)
+        _assert_matches(got, ref, torch.float32, f"ASAG_CPU_WORKSPACE_MB={mb} seed={seed}")
+        results.append(got[0])
+    # Different budgets take different code paths, so their roundings differ.
+    assert not torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_every_budget(dtype, seed):
+    q, k, v = make_inputs((1, 2), 130, 97, 40, 40, dtype, seed, layout="sliced")
+    ref = _reference(q, k, v, 2, -1.0, 40**-0.5, 1.0)
+    for budget in _budgets(130, 97):
+        got = _ext().sinkhorn_attention_cpu(q, k, v, 2, -(40**-0.5), budget)
+        _assert_matches(got, ref, dtype, f"{dtype} budget={budget} seed={seed}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Underflow: rows and columns the cached (scaling-domain) sums cannot represent are recomputed.
+
+
+@pytest.mark.parametrize("budget", [0, 64 * MIB])
+def test_negligible_columns_and_rows_every_budget(budget, seed):
+    q, k, v = make_inputs((1, 2), 150, 90, 16, 16, torch.float32, seed)
+    direction = q.mean(dim=-2, keepdim=True)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    k[..., :5, :] = 20.0 * direction  # adversarial cost: every row finds these keys negligible
+    q = q + 3.0 * direction
+    for num_iters in (1, 2, 4):
+        ref = _reference(q, k, v, num_iters, -1.0, 0.25, 0.05)
+        # Potentials spread far beyond float32 exp's range: the cached rows' sums underflow.
+        assert (ref[2].max() - ref[2].min()) > 90
+        got = _ext().sinkhorn_attention_cpu(q, k, v, num_iters, -0.25 / 0.05, budget)
+        _assert_matches(got, ref, torch.float32, f"budget={budget} T={num_iters} seed={seed}")
+
+
+@pytest.mark.parametrize("budget", [0, 64 * MIB])
+def test_huge_logits_stay_finite(budget, seed):
+    """|L| up to ~1e4 (epsilon = 1e-3): finite, a convex combination of v's rows."""
+    q, k, v = make_inputs((1, 2), 70, 90, 16, 16, torch.float32, seed)
+    logit_scale = -0.25 / 1e-3
+    assert (q[0, 0] @ k[0, 0].T).abs().max() * abs(logit_scale) > 1e3
+    for num_iters in (0, 1, 3):
+        out, f, g = _ext().sinkhorn_attention_cpu(q, k, v, num_iters, logit_scale, budget)
+        assert torch.isfinite(out).all() and torch.isfinite(f).all() and torch.isfinite(g).all()
+        lo, hi = v.amin(-2, keepdim=True) - 1e-3, v.amax(-2, keepdim=True) + 1e-3
+        assert ((out >= lo) & (out <= hi)).all()
+        # f, g are a dual-feasible pair: L + f + g <= log of a marginal everywhere after a column update.
+        if num_iters:
+            logits = logit_scale * (q.double() @ k.double().transpose(-1, -2))
+            plan_log = logits + f.double().unsqueeze(-1) + g.double().unsqueeze(-2)
+            col_mass = torch.logsumexp(plan_log, dim=-2)
+            assert (col_mass - (-math.log(90))).abs().max() < 1e-2 * (1 + logits.abs().max() * 1e-6)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("budget", [0, 64 * MIB])
+def test_nan_input_gives_nan_in_every_path(where, budget, seed):
+    q, k, v = make_inputs((1, 2), 80, 70, 8, 8, torch.float32, seed)
+    {"q": q, "k": k, "v": v}[where][0, 1, 7, 2] = float("nan")
+    out, f, g = _ext().sinkhorn_attention_cpu(q, k, v, 2, -0.3, budget)
+    assert torch.isnan(out[0, 1]).any() and not torch.isinf(out).any()
+    assert torch.isfinite(out[0, 0]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism does not depend on the thread count (fixed segments, ordered merges).
+
+
+def test_bitwise_same_for_any_thread_count(seed):
+    q, k, v = make_inputs((1, 3), 700, 530, 32, 32, torch.float32, seed)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for budget in (0, 4 * MIB, 64 * MIB):
+                results.append(_ext().sinkhorn_attention_cpu(q, k, v, 2, -0.2, budget))
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(results[:3], results[3:6]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(results[:3], results[6:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
