@@ -146,6 +146,25 @@ def test_processor_rejects_a_batch_that_is_not_chunked():
         attn(torch.randn(4, 6, 16))
 
 
+@torch.no_grad()
+def test_self_attn_processor_attention_mask():
+    torch.manual_seed(2)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    x = torch.randn(3, 6, 16)
+    mask = torch.zeros(3, 1, 6)
+    mask[:2, :, 4:] = -10000.0  # the plain chunks drop the last two keys
+    attn.set_processor(ASAGCFGSelfAttnProcessor())
+    out = attn(x, attention_mask=mask)
+    attn.set_processor(AttnProcessor2_0())
+    torch.testing.assert_close(out[:2], attn(x[:2], attention_mask=mask[:2]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[2:], _sinkhorn_reference(attn, x[2:], 2, 1.0), rtol=1e-5, atol=1e-5)
+
+    mask[2, :, 5] = -10000.0  # a mask on the Sinkhorn chunk cannot be honoured
+    attn.set_processor(ASAGCFGSelfAttnProcessor())
+    with pytest.raises(NotImplementedError, match="no attention mask"):
+        attn(x, attention_mask=mask)
+
+
 def test_processor_validates_its_arguments():
     with pytest.raises(ValueError, match="num_iters"):
         ASAGSelfAttnProcessor(num_iters=-1)
