@@ -49,18 +49,23 @@ def _extensions():
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     want_cuda = cuda_sources and torch.version.cuda is not None and not os.environ.get("ASAG_SKIP_CUDA_BUILD")
     if want_cuda:
+        # Kernel translation units (*.cu) are PyTorch-free; the binding (*.cpp) includes torch/extension.h.
         archs = [a.strip() for a in os.environ.get("ASAG_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
         gencode = []
         for arch in archs:
-            num = arch.replace(".", "").replace("sm_", "")
-            code = num if not num.endswith("a") else num
+            code = arch.replace(".", "").replace("sm_", "")  # "90a" stays "90a" (arch-specific features)
             gencode += ["-gencode", f"arch=compute_{code},code=sm_{code}"]
+        if archs:  # PTX of the newest arch too, so later GPUs can JIT it
+            gencode += ["-gencode", f"arch=compute_{code},code=compute_{code}"]
         exts.append(
             CUDAExtension(
                 "asag_kernels._C_cuda",
                 cuda_sources,
                 include_dirs=INCLUDE,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++20"],
+                    "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", *gencode],
+                },
             )
         )
 

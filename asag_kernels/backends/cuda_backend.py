@@ -1,0 +1,169 @@
+"""The CUDA C++ backend (``csrc/cuda/``, kernels in ``csrc/include/asag/sinkhorn_kernels.cuh``).
+
+Uses the prebuilt ``asag_kernels._C_cuda`` (built by setup.py when torch has CUDA). Without it, on a
+machine with a CUDA torch, a GPU and nvcc, the first ``status()`` call starts a just-in-time build
+with ``torch.utils.cpp_extension.load`` (ninja, cached by torch in its extensions directory) on a
+background thread; until it finishes ``status()`` says "building…", afterwards "ok" or why the
+build failed. ``wait_for_build()`` blocks until then. Env ``ASAG_CUDA_JIT``: ``"background"``
+(default), ``"wait"`` (build synchronously inside ``status()``) or ``"off"`` (never build).
+
+float32 inputs run on TF32 tensor cores only when torch allows TF32 for matmuls
+(``torch.backends.cuda.matmul.fp32_precision == "tf32"`` or the legacy ``allow_tf32``), else on
+exact float32 FMAs.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import threading
+import time
+
+import torch
+
+try:
+    from asag_kernels import _C_cuda as _prebuilt
+
+    _PREBUILT_ERROR = None
+except ImportError as exc:  # not built: CPU torch at install time, or a failed optional build
+    _prebuilt = None
+    _PREBUILT_ERROR = exc
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+
+
+class _JitBuild:
+    """State of the just-in-time build (one per process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.started = 0.0
+        self.ext = None
+        self.error: str | None = None
+
+    def _build(self) -> None:
+        from torch.utils import cpp_extension
+
+        try:
+            sources = sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(_CSRC, "cuda", "*.cpp")))
+            ext = cpp_extension.load(
+                name="asag_kernels_C_cuda_jit",
+                sources=sources,
+                extra_include_paths=[os.path.join(_CSRC, "include")],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "--use_fast_math"],
+                verbose=bool(os.environ.get("ASAG_CUDA_JIT_VERBOSE")),
+            )
+            self.ext = ext
+        except Exception as exc:  # reported through status(), never swallowed
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def start(self, wait: bool) -> None:
+        with self.lock:
+            if self.thread is None:
+                self.started = time.monotonic()
+                self.thread = threading.Thread(target=self._build, name="asag-cuda-jit", daemon=True)
+                self.thread.start()
+            thread = self.thread
+        if wait:
+            thread.join()
+
+    def status(self) -> str:
+        if self.ext is not None:
+            return "ok"
+        if self.error is not None:
+            return f"just-in-time build of the CUDA extension failed: {self.error}"
+        return (
+            f"building… the CUDA extension is being compiled just in time "
+            f"({time.monotonic() - self.started:.0f} s so far; asag_kernels.backends.cuda_backend.wait_for_build() waits)"
+        )
+
+
+_jit = _JitBuild()
+
+
+def _nvcc_path() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return os.path.join(CUDA_HOME, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _device_reason() -> str | None:
+    """Why no usable CUDA device exists here, or None."""
+    if torch.version.cuda is None:
+        return "no CUDA GPU: torch is a CPU build (torch.version.cuda is None)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU: torch.cuda.is_available() is False"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the cuda backend needs a GPU of compute capability 8.0 or newer (mma.sync bf16/tf32), got {major}.{minor}"
+    return None
+
+
+def _extension():
+    return _prebuilt if _prebuilt is not None else _jit.ext
+
+
+def status() -> str:
+    reason = _device_reason()
+    if reason is not None:
+        return reason
+    if _prebuilt is not None:
+        return "ok"
+    mode = os.environ.get("ASAG_CUDA_JIT", "background")
+    not_built = f"not built: asag_kernels._C_cuda is missing ({_PREBUILT_ERROR})"
+    if _jit.thread is None:
+        if mode == "off":
+            return f"{not_built}; just-in-time build disabled by ASAG_CUDA_JIT=off"
+        if _nvcc_path() is None:
+            return f"{not_built}, and nvcc was not found for a just-in-time build (set CUDA_HOME or put nvcc on PATH)"
+        if not glob.glob(os.path.join(_CSRC, "cuda", "*.cu")):
+            return f"{not_built}, and the CUDA sources ({_CSRC}/cuda) are not available for a just-in-time build"
+        _jit.start(wait=mode == "wait")
+    return _jit.status()
+
+
+def wait_for_build() -> str:
+    """Blocks until a just-in-time build started by status() ends; returns the new status()."""
+    if _jit.thread is not None:
+        _jit.thread.join()
+    return status()
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {device.type} tensors"
+    if dtype == torch.float64:
+        return "the cuda backend computes in float32 and takes float16/bfloat16/float32; use backend='torch' for float64"
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"the cuda backend takes float16/bfloat16/float32, got {dtype}"
+    return None
+
+
+def tf32_allowed() -> bool:
+    """Whether torch currently allows TF32 for float32 matmuls on CUDA."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None and precision != "none":
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # legacy flag unreadable after the new API was used; precision said "none"
+        return False
+
+
+def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError(f"asag cuda backend is not usable: {status()}")
+    d, dv = q.shape[-1], v.shape[-1]
+    if d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
+        raise ValueError(f"the cuda backend supports head dims up to {_MAX_HEAD_DIM}, got D = {d}, Dv = {dv}")
+    logit_scale = cost_sign * scale / epsilon
+    return ext.sinkhorn_attention(q, k, v, int(num_iters), float(logit_scale), tf32_allowed())
