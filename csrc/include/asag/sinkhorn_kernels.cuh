@@ -255,8 +255,8 @@ __global__ void __launch_bounds__(kThreads) lse_pass_kernel(const LsePassArgs p)
     }
   }
 
-  // Merge the four partial states of each row across the quad (butterfly: every lane ends with the
-  // same bits, since fmaxf and + are commutative).
+  // Merge the four partial states of each row across the quad: a fixed butterfly, so the result
+  // does not depend on scheduling (the lane with tig == 0 writes it).
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
 #pragma unroll
