@@ -676,12 +676,15 @@ def write_plot(path: Path, report: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     measured = [r for r in report["results"] if r["median_ms"] is not None]
+    labelled_shapes = set()
     for backend in dict.fromkeys((r["backend"], r["num_iters"]) for r in measured):
         points = sorted((r["tokens"], r["median_ms"], r["shape"]) for r in measured if (r["backend"], r["num_iters"]) == backend)
         label = backend[0] if backend[0] == "sdpa" else f"{backend[0]} (T={backend[1]})"
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         for n, ms, shape in points:
-            ax.annotate(shape, (n, ms), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            if shape not in labelled_shapes:  # name each shape once, at its first backend's point
+                labelled_shapes.add(shape)
+                ax.annotate(shape, (n, ms), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("N = Nq = Nk (tokens)")
