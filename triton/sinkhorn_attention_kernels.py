@@ -73,23 +73,36 @@ AUTOTUNE_MIN_SIZE = 1024
 # ASAG_TRITON_AUTOTUNE=0 pins the first configuration everywhere: results are then bitwise
 # reproducible across processes too (autotuning may pick other tiles, which reorders the sums).
 AUTOTUNE = os.environ.get("ASAG_TRITON_AUTOTUNE", "1") != "0"
+# Shared memory a configuration may plan for: fits A100 (164 KiB) and H100 (227 KiB) with room.
+SHARED_MEMORY_BUDGET = 160 * 1024
+# float32 without TF32 is an FMA dot (no tensor cores): small tiles, short compiles.
+_FLOAT32_SHAPES = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)]
+
+
+def _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes):
+    """Upper bound: pipelined key (and value) tiles plus the resident row tile."""
+    return (stages * block_n * (d_pad + dv_pad) + block_m * d_pad) * elem_bytes
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Above head dim 128 keep tiles whose operands fit shared memory; small or pinned: one config."""
+    """Shrink pipelining (or drop tiles) to fit shared memory; small or pinned passes: one config."""
     if INTERPRETING:
         return configs
-    width = max(kwargs.get("D_PAD", 16), kwargs.get("DV_PAD", 16))
-    if width > 128:
-        kept = {}
-        for c in configs:
-            if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] <= 128:
-                stages = min(c.num_stages, 2)
-                key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, stages)
-                kept.setdefault(key, triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages))
-        configs = list(kept.values()) or configs[:1]
+    elem_bytes = next(iter(named_args.values())).element_size()
+    d_pad, dv_pad = kwargs["D_PAD"], kwargs.get("DV_PAD", 0)
+    if elem_bytes == 4 and kwargs.get("DOT_PRECISION") == "ieee":
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _FLOAT32_SHAPES]
+    kept = {}
+    for c in configs:
+        block_m, block_n, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+        while stages > 1 and _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes) > SHARED_MEMORY_BUDGET:
+            stages -= 1
+        if _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes) <= SHARED_MEMORY_BUDGET:
+            kept.setdefault((block_m, block_n, c.num_warps, stages),
+                            triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=c.num_warps, num_stages=stages))
+    kept = list(kept.values()) or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     small = min(named_args["rows_bucket"], named_args["cols_bucket"]) < AUTOTUNE_MIN_SIZE
-    return configs[:1] if small or not AUTOTUNE else configs
+    return kept[:1] if small or not AUTOTUNE else kept
 
 
 def size_bucket(n: int) -> int:
@@ -104,6 +117,57 @@ def _head_offset(program_bh, heads, stride_b, stride_h):
     return batch * stride_b + head * stride_h
 
 
+@triton.jit
+def _load_tile(ptr, offs_row, offs_col, rows_left, stride_row, stride_col,
+               N_COLS: tl.constexpr, COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A [rows, COLS_PAD] tile from ``ptr`` (its first row); rows from ``rows_left`` on and padded
+    columns read as 0, with no mask at all when neither exists. Offsets inside a tile are small,
+    the tile's start is folded into ``ptr`` in 64 bits."""
+    ptrs = ptr + offs_row[:, None] * stride_row + offs_col[None, :] * stride_col
+    if MASK_ROWS:
+        if N_COLS == COLS_PAD:
+            return tl.load(ptrs, mask=(offs_row < rows_left)[:, None], other=0.0)
+        return tl.load(ptrs, mask=(offs_row < rows_left)[:, None] & (offs_col < N_COLS)[None, :], other=0.0)
+    if N_COLS == COLS_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(offs_col < N_COLS)[None, :], other=0.0)
+
+
+@triton.jit
+def _logit_tile(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d, stride_cn, stride_cd, logit_scale2,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_COLS: tl.constexpr,
+                UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """L2 + bias for one column tile, -inf at columns past n_cols."""
+    cols_idx = start + offs_c
+    tile_ptr = cols_ptr + tl.cast(start, tl.int64) * stride_cn
+    cols_t = tl.trans(_load_tile(tile_ptr, offs_c, offs_d, n_cols - start, stride_cn, stride_cd, HEAD_DIM, D_PAD,
+                                 MASK_COLS))
+    if UPCAST_DOT:
+        cols_t = cols_t.to(tl.float32)
+    logits = tl.dot(rows, cols_t, input_precision=DOT_PRECISION) * logit_scale2
+    if HAS_BIAS:
+        if MASK_COLS:
+            bias = tl.load(col_bias_ptr + cols_idx, mask=cols_idx < n_cols, other=float("-inf"))
+        else:
+            bias = tl.load(col_bias_ptr + cols_idx)
+        logits = logits + bias[None, :]
+    elif MASK_COLS:
+        logits = tl.where((cols_idx < n_cols)[None, :], logits, float("-inf"))
+    return logits
+
+
+@triton.jit
+def _potential_update(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d, stride_cn, stride_cd,
+                      logit_scale2, run_max, run_sum,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_COLS: tl.constexpr,
+                      UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    logits = _logit_tile(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d, stride_cn, stride_cd,
+                         logit_scale2, HEAD_DIM, D_PAD, HAS_BIAS, MASK_COLS, UPCAST_DOT, DOT_PRECISION)
+    new_max = tl.maximum(run_max, tl.max(logits, 1))
+    run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(tl.exp2(logits - new_max[:, None]), 1)
+    return new_max, run_sum
+
+
 @triton.autotune(
     configs=_potential_configs(),
     key=["rows_bucket", "cols_bucket", "D_PAD", "HAS_BIAS"],
@@ -112,13 +176,14 @@ def _head_offset(program_bh, heads, stride_b, stride_h):
 @triton.jit
 def potential_pass_kernel(
     rows_ptr, cols_ptr, col_bias_ptr, potential_ptr,
-    n_rows, n_cols, head_dim, heads,
+    n_rows, n_cols, heads,
     stride_rb, stride_rh, stride_rn, stride_rd,
     stride_cb, stride_ch, stride_cn, stride_cd,
     logit_scale2, log2_marginal,
     rows_bucket, cols_bucket,  # autotuning key only
-    HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -133,42 +198,51 @@ def potential_pass_kernel(
     col_bias_ptr += program_bh.to(tl.int64) * n_cols
     potential_ptr += program_bh.to(tl.int64) * n_rows
 
-    offs_r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = tile * BLOCK_M
+    offs_r = tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    row_mask = offs_r < n_rows
-    d_mask = offs_d < head_dim
-
-    rows = tl.load(
-        rows_ptr + offs_r[:, None] * stride_rn + offs_d[None, :] * stride_rd,
-        mask=row_mask[:, None] & d_mask[None, :], other=0.0,
-    )
+    rows = _load_tile(rows_ptr + tl.cast(row_start, tl.int64) * stride_rn, offs_r, offs_d, n_rows - row_start,
+                      stride_rn, stride_rd, HEAD_DIM, D_PAD, True)
     if UPCAST_DOT:
         rows = rows.to(tl.float32)
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, n_cols, BLOCK_N):
-        cols_idx = start + offs_c
-        col_mask = cols_idx < n_cols
-        cols_t = tl.load(
-            cols_ptr + offs_d[:, None] * stride_cd + cols_idx[None, :] * stride_cn,
-            mask=d_mask[:, None] & col_mask[None, :], other=0.0,
-        )
-        if UPCAST_DOT:
-            cols_t = cols_t.to(tl.float32)
-        logits = tl.dot(rows, cols_t, input_precision=DOT_PRECISION) * logit_scale2
-        if HAS_BIAS:
-            bias = tl.load(col_bias_ptr + cols_idx, mask=col_mask, other=float("-inf"))
-            logits = logits + bias[None, :]
-        else:
-            logits = tl.where(col_mask[None, :], logits, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(logits, 1))
-        run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(tl.exp2(logits - new_max[:, None]), 1)
-        run_max = new_max
+    # Whole column tiles need no column mask; the one partial tile (if any) comes last.
+    n_full = (n_cols // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        run_max, run_sum = _potential_update(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d,
+                                             stride_cn, stride_cd, logit_scale2, run_max, run_sum,
+                                             HEAD_DIM, D_PAD, HAS_BIAS, False, UPCAST_DOT, DOT_PRECISION)
+    if n_full < n_cols:
+        run_max, run_sum = _potential_update(rows, cols_ptr, col_bias_ptr, n_full, n_cols, offs_c, offs_d,
+                                             stride_cn, stride_cd, logit_scale2, run_max, run_sum,
+                                             HEAD_DIM, D_PAD, HAS_BIAS, True, UPCAST_DOT, DOT_PRECISION)
 
     potential = log2_marginal - (run_max + tl.log2(run_sum))
-    tl.store(potential_ptr + offs_r, potential, mask=row_mask)
+    tl.store(potential_ptr + row_start + offs_r, potential, mask=row_start + offs_r < n_rows)
+
+
+@triton.jit
+def _attention_update(q, k_ptr, v_ptr, key_bias_ptr, start, n_k, offs_n, offs_d, offs_dv,
+                      stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, acc,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    logits = _logit_tile(q, k_ptr, key_bias_ptr, start, n_k, offs_n, offs_d, stride_kn, stride_kd,
+                         logit_scale2, HEAD_DIM, D_PAD, HAS_BIAS, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
+    new_max = tl.maximum(run_max, tl.max(logits, 1))
+    rescale = tl.exp2(run_max - new_max)
+    weights = tl.exp2(logits - new_max[:, None])
+    run_sum = run_sum * rescale + tl.sum(weights, 1)
+    # Value rows past n_k load as 0 (their weight is 0 too, but 0·garbage could be NaN).
+    v = _load_tile(v_ptr + tl.cast(start, tl.int64) * stride_vn, offs_n, offs_dv, n_k - start, stride_vn, stride_vd,
+                   VALUE_DIM, DV_PAD, MASK_KEYS)
+    if UPCAST_DOT:
+        v = v.to(tl.float32)
+    acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return new_max, run_sum, acc
 
 
 @triton.autotune(
@@ -179,17 +253,19 @@ def potential_pass_kernel(
 @triton.jit
 def attention_pass_kernel(
     q_ptr, k_ptr, v_ptr, key_bias_ptr, out_ptr, row_potential_ptr,
-    n_q, n_k, head_dim, value_dim, heads,
+    n_q, n_k, heads,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     logit_scale2, log2_row_marginal,
     rows_bucket, cols_bucket,  # autotuning key only
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    DV_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_ROW_POTENTIAL: tl.constexpr,
-    D_PAD: tl.constexpr,
-    DV_PAD: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -205,61 +281,40 @@ def attention_pass_kernel(
     key_bias_ptr += program_bh.to(tl.int64) * n_k
     row_potential_ptr += program_bh.to(tl.int64) * n_q
 
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = tile * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    row_mask = offs_m < n_q
-    d_mask = offs_d < head_dim
-    dv_mask = offs_dv < value_dim
-
-    q = tl.load(
-        q_ptr + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=row_mask[:, None] & d_mask[None, :], other=0.0,
-    )
+    q = _load_tile(q_ptr + tl.cast(row_start, tl.int64) * stride_qn, offs_m, offs_d, n_q - row_start,
+                   stride_qn, stride_qd, HEAD_DIM, D_PAD, True)
     if UPCAST_DOT:
         q = q.to(tl.float32)
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    for start in range(0, n_k, BLOCK_N):
-        keys_idx = start + offs_n
-        key_mask = keys_idx < n_k
-        k_t = tl.load(
-            k_ptr + offs_d[:, None] * stride_kd + keys_idx[None, :] * stride_kn,
-            mask=d_mask[:, None] & key_mask[None, :], other=0.0,
-        )
-        if UPCAST_DOT:
-            k_t = k_t.to(tl.float32)
-        logits = tl.dot(q, k_t, input_precision=DOT_PRECISION) * logit_scale2
-        if HAS_BIAS:
-            bias = tl.load(key_bias_ptr + keys_idx, mask=key_mask, other=float("-inf"))
-            logits = logits + bias[None, :]
-        else:
-            logits = tl.where(key_mask[None, :], logits, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(logits, 1))
-        rescale = tl.exp2(run_max - new_max)
-        weights = tl.exp2(logits - new_max[:, None])
-        run_sum = run_sum * rescale + tl.sum(weights, 1)
-        # Padded value rows load as 0 (their weight is 0 too; 0·garbage could be NaN).
-        v = tl.load(
-            v_ptr + keys_idx[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=key_mask[:, None] & dv_mask[None, :], other=0.0,
-        )
-        if UPCAST_DOT:
-            v = v.to(tl.float32)
-        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=DOT_PRECISION)
-        run_max = new_max
+    n_full = (n_k // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        run_max, run_sum, acc = _attention_update(
+            q, k_ptr, v_ptr, key_bias_ptr, start, n_k, offs_n, offs_d, offs_dv,
+            stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, acc,
+            HEAD_DIM, D_PAD, VALUE_DIM, DV_PAD, HAS_BIAS, False, UPCAST_DOT, DOT_PRECISION)
+    if n_full < n_k:
+        run_max, run_sum, acc = _attention_update(
+            q, k_ptr, v_ptr, key_bias_ptr, n_full, n_k, offs_n, offs_d, offs_dv,
+            stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, acc,
+            HEAD_DIM, D_PAD, VALUE_DIM, DV_PAD, HAS_BIAS, True, UPCAST_DOT, DOT_PRECISION)
 
     out = acc / run_sum[:, None]
     # out is a convex combination of v's rows: it is infinite only for non-finite inputs, which
     # SPEC §4 wants to read as NaN.
     out = tl.where(tl.abs(out) == float("inf"), float("nan"), out)
+    row_mask = row_start + offs_m < n_q
     tl.store(
-        out_ptr + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
+        out_ptr + tl.cast(row_start, tl.int64) * stride_on + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & dv_mask[None, :],
+        mask=row_mask[:, None] & (offs_dv < VALUE_DIM)[None, :],
     )
     if WRITE_ROW_POTENTIAL:
-        tl.store(row_potential_ptr + offs_m, log2_row_marginal - (run_max + tl.log2(run_sum)), mask=row_mask)
+        tl.store(row_potential_ptr + row_start + offs_m, log2_row_marginal - (run_max + tl.log2(run_sum)), mask=row_mask)

@@ -157,6 +157,7 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     logit_scale2 = cost_sign * scale / epsilon * _LOG2E
     log2_a, log2_b = -math.log2(n_q), -math.log2(n_k)
     common = dict(
+        HEAD_DIM=head_dim,
         D_PAD=_padded_dim(head_dim),
         UPCAST_DOT=kernels.INTERPRETING and q.dtype == torch.bfloat16,
         DOT_PRECISION=dot_precision(q.dtype),
@@ -188,7 +189,7 @@ def _run_chunk(kernels, q, k, v, out, f2, g2, num_iters, logit_scale2, log2_a, l
         grid = lambda meta: (triton_cdiv(n_rows, meta["BLOCK_M"]), batch * heads)
         kernels.potential_pass_kernel[grid](
             rows, cols, col_bias, potential,
-            n_rows, n_cols, head_dim, heads,
+            n_rows, n_cols, heads,
             *rows.stride(), *cols.stride(),
             logit_scale2, log2_marginal,
             rows_bucket, cols_bucket,
@@ -207,12 +208,12 @@ def _run_chunk(kernels, q, k, v, out, f2, g2, num_iters, logit_scale2, log2_a, l
     grid = lambda meta: (triton_cdiv(n_q, meta["BLOCK_M"]), batch * heads)
     kernels.attention_pass_kernel[grid](
         q, k, v, g2, out, f2,
-        n_q, n_k, head_dim, value_dim, heads,
+        n_q, n_k, heads,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         logit_scale2, log2_a,
         q_bucket, k_bucket,
         HAS_BIAS=num_iters > 0, WRITE_ROW_POTENTIAL=num_iters == 0,
-        DV_PAD=_padded_dim(value_dim), **common,
+        VALUE_DIM=value_dim, DV_PAD=_padded_dim(value_dim), **common,
     )
 
 
