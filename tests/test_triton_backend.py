@@ -154,3 +154,13 @@ def test_kernel_module_is_a_real_file():
     module = triton_backend._kernel_module()
     assert os.path.basename(module.__file__) == f"{triton_backend.KERNEL_MODULE}.py"
     assert os.path.isfile(module.__file__)
+
+
+def test_grid_split_over_batch_and_heads(monkeypatch, seed):
+    """Launches split when B·H exceeds a grid dimension; a head range of one batch is not a
+    contiguous [B·H, N] potential buffer and goes through a staged copy."""
+    require_backend("triton", torch.float32)
+    monkeypatch.setattr(triton_backend, "_MAX_GRID_Y", 3)
+    q, k, v = make_inputs((2, 5), 20, 17, 16, 16, torch.float32, seed, layout="transposed")
+    got, ref = _run_both(q, k, v, num_iters=1)
+    _assert_close(got, ref, torch.float32, f"grid split seed={seed}")
