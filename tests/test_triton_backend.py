@@ -157,8 +157,7 @@ def test_kernel_module_is_a_real_file():
 
 
 def test_grid_split_over_batch_and_heads(monkeypatch, seed):
-    """Launches split when B·H exceeds a grid dimension; a head range of one batch is not a
-    contiguous [B·H, N] potential buffer and goes through a staged copy."""
+    """Launches split into batch and head ranges when B·H exceeds a grid dimension."""
     require_backend("triton", torch.float32)
     monkeypatch.setattr(triton_backend, "_MAX_GRID_Y", 3)
     q, k, v = make_inputs((2, 5), 20, 17, 16, 16, torch.float32, seed, layout="transposed")

@@ -165,15 +165,10 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     q_bucket, k_bucket = kernels.size_bucket(n_q), kernels.size_bucket(n_k)
 
     for bs, hs in _grid_chunks(batch, heads):
-        fc, gc = f2[bs, hs], g2[bs, hs]
-        # The kernels index potentials as contiguous [B·H, N]; a head range of a batch is not.
-        staged = not (fc.is_contiguous() and gc.is_contiguous())
-        if staged:
-            fc, gc = torch.empty_like(fc), torch.empty_like(gc)
-        _run_chunk(kernels, q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], fc, gc,
+        # The kernels index potentials as contiguous [B·H, N]: a piece is either whole heads of
+        # some batches or a head range of one batch, contiguous either way.
+        _run_chunk(kernels, q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], f2[bs, hs], g2[bs, hs],
                    num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common)
-        if staged:
-            f2[bs, hs], g2[bs, hs] = fc, gc
 
     f2.mul_(_LN2)
     g2.mul_(_LN2)
