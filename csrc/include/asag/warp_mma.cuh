@@ -156,8 +156,19 @@ __device__ __forceinline__ void load_b_kn(typename MmaTraits<M>::B& b, const typ
   const int gid = lane_id() >> 2, tig = lane_id() & 3;
   const auto* col = tile + k0 * ld + n0 + gid;
   if constexpr (MmaTraits<M>::kK == 16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // ldmatrix .x2 .trans: lanes 0-15 give the addresses of tile rows k0..k0+15 (8 halves each,
+    // 16-byte aligned: ld and n0 are multiples of 8); matrix j (rows k0+8j..) arrives transposed,
+    // i.e. as (rows 2tig, 2tig+1; column gid) = b.r[j]. Lanes 16-31 repeat lanes 0-15's addresses.
+    const auto* row = tile + (k0 + (lane_id() & 15)) * ld + n0;
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(b.r[0]), "=r"(b.r[1])
+                 : "r"(addr));
+#else
     b.r[0] = pack_pair(col[(2 * tig) * ld], col[(2 * tig + 1) * ld]);
     b.r[1] = pack_pair(col[(2 * tig + 8) * ld], col[(2 * tig + 9) * ld]);
+#endif
   } else if constexpr (M == MathMode::kFloat32) {
     const float* left = tile + k0 * ld + n0 + 2 * tig;
 #pragma unroll
