@@ -79,8 +79,16 @@ def test_jit_needs_nvcc(pretend_gpu_without_extension):
     assert cuda_backend._jit.thread is None
 
 
+def test_jit_needs_ninja(pretend_gpu_without_extension):
+    pretend_gpu_without_extension.setattr(cuda_backend, "_nvcc_path", lambda: "/usr/bin/nvcc")
+    pretend_gpu_without_extension.setattr(cuda_backend, "_ninja_available", lambda: False)
+    assert "ninja is missing" in cuda_backend.status()
+    assert cuda_backend._jit.thread is None
+
+
 def test_jit_needs_sources(pretend_gpu_without_extension, tmp_path):
     pretend_gpu_without_extension.setattr(cuda_backend, "_nvcc_path", lambda: "/usr/bin/nvcc")
+    pretend_gpu_without_extension.setattr(cuda_backend, "_ninja_available", lambda: True)
     pretend_gpu_without_extension.setattr(cuda_backend, "_CSRC", str(tmp_path))
     assert "CUDA sources" in cuda_backend.status()
 
@@ -98,6 +106,7 @@ def test_jit_build_reports_building_then_result(pretend_gpu_without_extension, o
             self.ext = built
 
     pretend_gpu_without_extension.setattr(cuda_backend, "_nvcc_path", lambda: "/usr/bin/nvcc")
+    pretend_gpu_without_extension.setattr(cuda_backend, "_ninja_available", lambda: True)
     pretend_gpu_without_extension.setattr(cuda_backend._JitBuild, "_build", fake_build)
     first = cuda_backend.status()
     assert first.startswith("building…"), first

@@ -94,6 +94,12 @@ def _nvcc_path() -> str | None:
     return shutil.which("nvcc")
 
 
+def _ninja_available() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return is_ninja_available()
+
+
 def _device_reason() -> str | None:
     """Why no usable CUDA device exists here, or None."""
     if torch.version.cuda is None:
@@ -123,6 +129,8 @@ def status() -> str:
             return f"{not_built}; just-in-time build disabled by ASAG_CUDA_JIT=off"
         if _nvcc_path() is None:
             return f"{not_built}, and nvcc was not found for a just-in-time build (set CUDA_HOME or put nvcc on PATH)"
+        if not _ninja_available():
+            return f"{not_built}, and ninja is missing for a just-in-time build (pip install ninja)"
         if not glob.glob(os.path.join(_CSRC, "cuda", "*.cu")):
             return f"{not_built}, and the CUDA sources ({_CSRC}/cuda) are not available for a just-in-time build"
         _jit.start(wait=mode == "wait")
