@@ -134,14 +134,29 @@ def _load_tile(ptr, offs_row, offs_col, rows_left, stride_row, stride_col,
 
 
 @triton.jit
+def _load_tile_transposed(ptr, offs_row, offs_col, rows_left, stride_row, stride_col,
+                          N_COLS: tl.constexpr, COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """``_load_tile`` read directly as its [COLS_PAD, rows] transpose through the strides (a load
+    feeding ``tl.dot`` without a ``tl.trans`` in between is what Triton's pipeliner makes async)."""
+    ptrs = ptr + offs_col[:, None] * stride_col + offs_row[None, :] * stride_row
+    if MASK_ROWS:
+        if N_COLS == COLS_PAD:
+            return tl.load(ptrs, mask=(offs_row < rows_left)[None, :], other=0.0)
+        return tl.load(ptrs, mask=(offs_col < N_COLS)[:, None] & (offs_row < rows_left)[None, :], other=0.0)
+    if N_COLS == COLS_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(offs_col < N_COLS)[:, None], other=0.0)
+
+
+@triton.jit
 def _logit_tile(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d, stride_cn, stride_cd, logit_scale2,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_COLS: tl.constexpr,
                 UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """L2 + bias for one column tile, -inf at columns past n_cols."""
     cols_idx = start + offs_c
     tile_ptr = cols_ptr + tl.cast(start, tl.int64) * stride_cn
-    cols_t = tl.trans(_load_tile(tile_ptr, offs_c, offs_d, n_cols - start, stride_cn, stride_cd, HEAD_DIM, D_PAD,
-                                 MASK_COLS))
+    cols_t = _load_tile_transposed(tile_ptr, offs_c, offs_d, n_cols - start, stride_cn, stride_cd, HEAD_DIM, D_PAD,
+                                   MASK_COLS)
     if UPCAST_DOT:
         cols_t = cols_t.to(tl.float32)
     logits = tl.dot(rows, cols_t, input_precision=DOT_PRECISION) * logit_scale2
