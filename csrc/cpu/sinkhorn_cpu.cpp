@@ -28,11 +28,15 @@
 
 #include <ATen/Parallel.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "asag/cpu_rows.h"
@@ -227,7 +231,9 @@ class HeadSolver {
   int64_t seg_cached(int64_t s) const { return std::min(plan_.cached_rows, seg_end(s) - seg_begin(s)); }
   float* cache_row(int64_t s, int64_t r) const { return cache_ + (s * plan_.cached_rows + r) * p_.nk; }
 
-  Scratch& scratch() { return scratch_[at::get_thread_num()]; }
+  // A solver that runs inside an outer parallel loop owns one scratch (nested loops run inline and
+  // report thread 0); one that spreads its own loops over the threads has one per thread.
+  Scratch& scratch() { return scratch_.size() == 1 ? scratch_[0] : scratch_[at::get_thread_num()]; }
 
   // Logits of rows ids[0..n) into dst (ld nk). Rows that are consecutive use q in place.
   void logits_rows(const int64_t* ids, int64_t n, float* dst, Scratch& sc) {
@@ -249,14 +255,19 @@ class HeadSolver {
   void stream_update(const int64_t* ids, int64_t n, const float* g, float* acc, Scratch& sc, float* store) {
     float* buf = store ? store : sc.logits.data();
     logits_rows(ids, n, buf, sc);
-    for (int64_t r = 0; r < n; ++r) {
-      float* row = buf + r * p_.nk;
-      const RowStats st = asag::cpu::exp_row(row, g, row, p_.nk);
-      h_.f[ids[r]] = p_.log_a - st.max - std::log(st.sum);
-      sc.weights[r] = p_.a / st.sum;
-      if (store) row_max_[ids[r]] = st.max;
+    // Four rows at a time, so the rows are still in L1/L2 when their column sums are added.
+    constexpr int64_t kGroup = 4;
+    for (int64_t r0 = 0; r0 < n; r0 += kGroup) {
+      const int64_t nr = std::min(kGroup, n - r0);
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        float* row = buf + r * p_.nk;
+        const RowStats st = asag::cpu::exp_row(row, g, row, p_.nk);
+        h_.f[ids[r]] = p_.log_a - st.max - std::log(st.sum);
+        sc.weights[r] = p_.a / st.sum;
+        if (store) row_max_[ids[r]] = st.max;
+      }
+      asag::cpu::accumulate_rows(acc, buf + r0 * p_.nk, p_.nk, sc.weights.data() + r0, nr, p_.nk);
     }
-    asag::cpu::accumulate_rows(acc, buf, p_.nk, sc.weights.data(), n, p_.nk);
   }
 
   // Streamed final rows: out_i = Σ_j softmax_j(L_ij + g_j) v_j (and f_i when write_f).
@@ -494,6 +505,31 @@ class HeadSolver {
   Head h_{};
 };
 
+// The cache: tens to hundreds of MiB streamed once per sweep. 2 MiB pages (where the kernel allows
+// them on request) cut its page faults and TLB misses.
+class HugePageBuffer {
+ public:
+  explicit HugePageBuffer(size_t floats) {
+    if (floats == 0) return;
+    constexpr size_t kAlign = size_t(2) << 20;
+    const size_t bytes = (floats * sizeof(float) + kAlign - 1) / kAlign * kAlign;
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kAlign, bytes) == 0 && p, "sinkhorn_attention_cpu: cannot allocate ", bytes,
+                " bytes of workspace");
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure only costs speed
+#endif
+    ptr_ = static_cast<float*>(p);
+  }
+  ~HugePageBuffer() { free(ptr_); }
+  HugePageBuffer(const HugePageBuffer&) = delete;
+  HugePageBuffer& operator=(const HugePageBuffer&) = delete;
+  float* data() const { return ptr_; }
+
+ private:
+  float* ptr_ = nullptr;
+};
+
 // A [n × width] float32 view with unit column stride usable as a GEMM operand, or a float32 copy.
 struct RowMajor {
   at::Tensor holder;
@@ -563,52 +599,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
   plan.sub_rows = std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(256) << 10) / (4 * nk)));
 
   // Workspace: scratch, partials, factors and copies first; what is left caches Gibbs-kernel rows.
+  // Heads run in parallel, one per thread, when there are enough of them to keep the threads evenly
+  // busy: no synchronisation between the passes of a head. Otherwise the threads share each head's
+  // segments. Each concurrent head has its own cache, a share of the budget.
   const int nthreads = at::get_num_threads();
+  const int64_t heads = B * H;
+  const bool heads_parallel = nthreads > 1 && heads >= nthreads && (heads % nthreads == 0 || heads >= 4 * nthreads);
+  const int64_t workers = heads_parallel ? nthreads : 1;
   const bool copies = q.scalar_type() != at::kFloat;
-  const int64_t fixed_floats = int64_t(nthreads) * (kGemmRows * (nk + dv + 1 + d) + 2 * kGemmRows) +
-                               plan.nseg * 2 * nk + nk * (dv + 2) + 2 * nq +
-                               (copies ? nq * d + nk * (d + dv) + nq * dv : 0);
-  const int64_t spare_rows = std::max<int64_t>(0, workspace_bytes / 4 - fixed_floats) / nk;
+  const int64_t per_worker_floats = plan.nseg * 2 * nk + nk * (dv + 2) + 2 * nq +
+                                    (copies ? nq * d + nk * (d + dv) + nq * dv : 0);
+  const int64_t fixed_floats =
+      int64_t(nthreads) * (kGemmRows * (nk + dv + 1 + d) + 2 * kGemmRows) + workers * per_worker_floats;
+  const int64_t spare_rows = std::max<int64_t>(0, workspace_bytes / 4 - fixed_floats) / nk / workers;
   plan.cached_rows = num_iters == 0 ? 0 : std::min(plan.seg_rows, spare_rows / plan.nseg);
 
-  std::vector<Scratch> scratch(nthreads);
-  for (auto& sc : scratch) {
-    sc.logits.resize(kGemmRows * nk);
-    sc.product.resize(kGemmRows * (dv + 1));
-    sc.qrows.resize(kGemmRows * std::max<int64_t>(d, 1));
-    sc.weights.resize(kGemmRows);
-    sc.sums.resize(kGemmRows);
-    sc.ids.resize(kGemmRows);
-    sc.redo.reserve(plan.seg_rows);
-  }
-  at::Tensor cache = at::empty({plan.nseg * plan.cached_rows * nk}, q.options().dtype(at::kFloat));
-  at::Tensor small = at::empty({plan.nseg * 2 * nk + nk * (dv + 2) + 2 * nq}, q.options().dtype(at::kFloat));
-  float* partial_buf = small.data_ptr<float>();
-  float* v_weighted = partial_buf + plan.nseg * 2 * nk;
-  float* col_w = v_weighted + nk * (dv + 1);
-  float* row_max = col_w + nk;
-  float* row_sum = row_max + nq;
-  const bool out_direct = q.scalar_type() == at::kFloat;
-  at::Tensor out_f32 = out_direct ? at::Tensor() : at::empty({nq, dv}, q.options().dtype(at::kFloat));
-
-  HeadSolver solver(p, plan, cache.data_ptr<float>(), scratch, partial_buf, row_max, row_sum, col_w, v_weighted);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t hh = 0; hh < H; ++hh) {
-      const RowMajor qh = as_row_major_f32(q[b][hh]);
-      const RowMajor kh = as_row_major_f32(k[b][hh]);
-      const RowMajor vh = as_row_major_f32(v[b][hh]);
-      Head head{qh.ptr,
-                qh.ld,
-                kh.ptr,
-                kh.ld,
-                vh.ptr,
-                vh.ld,
-                f[b][hh].data_ptr<float>(),
-                g[b][hh].data_ptr<float>(),
-                out_direct ? out[b][hh].data_ptr<float>() : out_f32.data_ptr<float>()};
-      solver.solve(head);
-      if (!out_direct) out[b][hh].copy_(out_f32);
+  auto make_scratch = [&](int64_t count) {
+    std::vector<Scratch> scratch(count);
+    for (auto& sc : scratch) {
+      sc.logits.resize(kGemmRows * nk);
+      sc.product.resize(kGemmRows * (dv + 1));
+      sc.qrows.resize(kGemmRows * std::max<int64_t>(d, 1));
+      sc.weights.resize(kGemmRows);
+      sc.sums.resize(kGemmRows);
+      sc.ids.resize(kGemmRows);
+      sc.redo.reserve(plan.seg_rows);
     }
+    return scratch;
+  };
+  const bool out_direct = q.scalar_type() == at::kFloat;
+  struct Worker {
+    std::vector<Scratch> scratch;
+    std::unique_ptr<HugePageBuffer> cache;
+    at::Tensor small;
+    at::Tensor out_f32;
+    std::unique_ptr<HeadSolver> solver;
+  };
+  std::vector<Worker> pool(workers);
+  for (auto& w : pool) {
+    w.scratch = make_scratch(heads_parallel ? 1 : nthreads);
+    w.cache = std::make_unique<HugePageBuffer>(size_t(plan.nseg * plan.cached_rows * nk));
+    w.small = at::empty({plan.nseg * 2 * nk + nk * (dv + 2) + 2 * nq}, q.options().dtype(at::kFloat));
+    float* partial_buf = w.small.data_ptr<float>();
+    float* v_weighted = partial_buf + plan.nseg * 2 * nk;
+    float* col_w = v_weighted + nk * (dv + 1);
+    float* row_max = col_w + nk;
+    float* row_sum = row_max + nq;
+    if (!out_direct) w.out_f32 = at::empty({nq, dv}, q.options().dtype(at::kFloat));
+    w.solver = std::make_unique<HeadSolver>(p, plan, w.cache->data(), w.scratch, partial_buf, row_max, row_sum, col_w,
+                                            v_weighted);
+  }
+
+  auto solve_head = [&](Worker& w, int64_t bh) {
+    const int64_t b = bh / H, hh = bh % H;
+    const RowMajor qh = as_row_major_f32(q[b][hh]);
+    const RowMajor kh = as_row_major_f32(k[b][hh]);
+    const RowMajor vh = as_row_major_f32(v[b][hh]);
+    Head head{qh.ptr,
+              qh.ld,
+              kh.ptr,
+              kh.ld,
+              vh.ptr,
+              vh.ld,
+              f[b][hh].data_ptr<float>(),
+              g[b][hh].data_ptr<float>(),
+              out_direct ? out[b][hh].data_ptr<float>() : w.out_f32.data_ptr<float>()};
+    w.solver->solve(head);
+    if (!out_direct) out[b][hh].copy_(w.out_f32);
+  };
+  if (heads_parallel) {
+    // Inside this region the solver's own parallel loops run inline on the calling thread.
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      Worker& w = pool[at::get_thread_num()];
+      for (int64_t bh = begin; bh < end; ++bh) solve_head(w, bh);
+    });
+  } else {
+    for (int64_t bh = 0; bh < heads; ++bh) solve_head(pool[0], bh);
   }
   return {out, f, g};
 }
