@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     header = f"{'shape':<10} {'T':>2} {'backend':<8} {'ms':>10} {'xSDPA':>7} {'budget':>7} {'TFLOP/s':>8} {'peak MiB':>9} {'extra MiB':>9} {'err':>9}"
     print("\n" + header + "\n" + "-" * len(header), flush=True)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    failures = 0
     for shape_name, (heads, n, d) in shapes.items():
         q, k, v = (torch.randn(1, heads, n, d, generator=gen).to(device, dtype) for _ in range(3))
         qk_flops = 2.0 * heads * n * n * d
@@ -163,8 +164,15 @@ def main(argv=None) -> int:
                         torch.cuda.synchronize()
                         before = torch.cuda.memory_allocated()
                         torch.cuda.reset_peak_memory_stats()
-                    ms = timer.median_ms(call, args.warmup, args.repeat)
-                    out = call()
+                    try:
+                        ms = timer.median_ms(call, args.warmup, args.repeat)
+                        out = call()
+                    except Exception as exc:  # one failing row (e.g. out of memory) must not hide the rest
+                        print(f"{shape_name:<10} {num_iters:>2} {backend:<8} FAILED: {type(exc).__name__}: {exc}", flush=True)
+                        failures += 1
+                        if cuda:
+                            torch.cuda.empty_cache()
+                        continue
                     peak = extra = float("nan")
                     if cuda:
                         torch.cuda.synchronize()
@@ -186,7 +194,9 @@ def main(argv=None) -> int:
         del q, k, v
         if cuda:
             torch.cuda.empty_cache()
-    return test_rc
+    if failures:
+        print(f"{failures} timing row(s) failed")
+    return test_rc or (1 if failures else 0)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,21 @@ def test_grid_split_over_batch_and_heads(monkeypatch, seed):
     q, k, v = make_inputs((2, 5), 20, 17, 16, 16, torch.float32, seed, layout="transposed")
     got, ref = _run_both(q, k, v, num_iters=1)
     _assert_close(got, ref, torch.float32, f"grid split seed={seed}")
+
+
+def test_gpu_check_script_runs_tiny():
+    """benchmarks/gpu_check.py --tiny (CPU, interpreter) must keep working between GPU loans."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", os.path.join(repo, "benchmarks", "gpu_check.py"), "--tiny",
+         "--iters", "1", "--warmup", "0", "--repeat", "1", "--backends", "triton,torch"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("tiny")]
+    assert {row[2] for row in rows} == {"sdpa", "torch", "triton"}, done.stdout
+    triton_row = next(row for row in rows if row[2] == "triton")
+    assert float(triton_row[-1]) < 2e-2, done.stdout  # bf16 out vs the torch backend
