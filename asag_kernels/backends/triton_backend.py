@@ -13,6 +13,7 @@ only under ``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -164,15 +165,22 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     )
     q_bucket, k_bucket = kernels.size_bucket(n_q), kernels.size_bucket(n_k)
 
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    device_guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with device_guard:
+        _run_pieces(kernels, q, k, v, out, f2, g2, num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common)
+    f2.mul_(_LN2)
+    g2.mul_(_LN2)
+    return out, f2, g2
+
+
+def _run_pieces(kernels, q, k, v, out, f2, g2, num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common):
+    batch, heads = q.shape[:2]
     for bs, hs in _grid_chunks(batch, heads):
         # The kernels index potentials as contiguous [B·H, N]: a piece is either whole heads of
         # some batches or a head range of one batch, contiguous either way.
         _run_chunk(kernels, q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], f2[bs, hs], g2[bs, hs],
                    num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common)
-
-    f2.mul_(_LN2)
-    g2.mul_(_LN2)
-    return out, f2, g2
 
 
 def _run_chunk(kernels, q, k, v, out, f2, g2, num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common):
