@@ -211,3 +211,29 @@ def test_bitwise_same_for_any_thread_count(seed):
     for threads in (2, 3):
         for a, b in zip(results[1], results[threads]):
             assert all(torch.equal(x, y) for x, y in zip(a, b)), f"threads={threads} seed={seed}"
+
+
+def test_portable_row_kernels_match_reference():
+    """The non-AVX2 path (what a machine without AVX2/FMA runs), forced through ASAG_CPU_ISA."""
+    import os
+    import subprocess
+    import sys
+
+    script = r"""
+import math, torch
+from asag_kernels import _C_cpu
+from asag_kernels.backends import reference
+assert _C_cpu.row_kernels_isa() == "generic", _C_cpu.row_kernels_isa()
+gen = torch.Generator().manual_seed(7)
+q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (150, 90, 90))
+for budget in (0, 1 << 26):
+    for t in (0, 2):
+        out, f, g = _C_cpu.sinkhorn_attention_cpu(q, k, v, t, -0.25, budget)
+        ro, rf, rg = reference.run(q.double(), k.double(), v.double(), num_iters=t, cost_sign=-1.0, scale=0.25, epsilon=1.0)
+        assert ((out.double() - ro).norm() / ro.norm()).item() < 1e-5
+        assert (f.double() - rf).abs().max().item() < 1e-4 and (g.double() - rg).abs().max().item() < 1e-4
+print("ok")
+"""
+    env = dict(os.environ, ASAG_CPU_ISA="generic")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr

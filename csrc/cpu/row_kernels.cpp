@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -248,8 +250,11 @@ struct RowKernels {
 
 RowKernels pick_kernels() {
 #ifdef ASAG_HAVE_AVX2_PATH
+  // ASAG_CPU_ISA=generic forces the portable path (tests use it to check that path on AVX2 hosts).
+  const char* forced = std::getenv("ASAG_CPU_ISA");
+  const bool allow_avx2 = !(forced && std::strcmp(forced, "generic") == 0);
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return {exp_row_avx2, dot_rows_avx2, accumulate_rows_avx2, exp_shifted_avx2, scale_inplace_avx2, "avx2"};
   }
 #endif
