@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py              # CUDA: pytest over tests/, then the timing table
     python benchmarks/gpu_check.py --tiny       # CPU, Triton interpreter, tiny size (keeps it from rotting)
+    python benchmarks/gpu_check.py --compile-only 90   # no GPU needed: compile the kernels for sm_90
 
 Timing rows: the SPEC §7 shapes sdxl-64 (H=10, N=4096, D=64), flux-1k (H=24, N=4608, D=128) and
 video-32k (H=12, N=32760, D=128), B = 1, bfloat16, num_iters ∈ {1, 2, 3}, for the "triton", "cuda"
@@ -50,6 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per row (default 2 on a GPU, 1 tiny)")
     p.add_argument("--repeat", type=int, default=None, help="timed calls per row (default 5 on a GPU, 2 tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-only", type=int, metavar="SM", default=None,
+                   help="compile every autotuning config of the Triton kernels for sm_SM (e.g. 90) with "
+                        "ptxas, no GPU needed, and print shared memory per config; then exit")
+    p.add_argument("--compile-dtypes", default="bf16,fp16,fp32", help="dtypes for --compile-only")
+    p.add_argument("--compile-dims", default="64,128", help="head dims for --compile-only")
     return p.parse_args(argv)
 
 
@@ -106,9 +112,73 @@ def sdpa_call(q, k, v, cuda: bool):
 
     return call
 
+def compile_only(args) -> int:
+    """Compile the kernels as a GPU launch would specialise them (unit D strides, 16-divisible
+    pointers and strides) for one CUDA architecture; catches compile errors and shared-memory
+    overruns without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sys.path.insert(0, REPO)
+    from asag_kernels.backends import triton_backend
+
+    kernels = triton_backend._kernel_module()
+    if kernels is None:
+        print(f"triton backend unusable: {triton_backend.status()}")
+        return 1
+    target = GPUTarget("cuda", args.compile_only, 32)
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    float_args = ("logit_scale2", "log2_marginal", "log2_row_marginal")
+    potential_args = ("col_bias_ptr", "potential_ptr", "key_bias_ptr", "row_potential_ptr")
+    failures = 0
+    for dtype in args.compile_dtypes.split(","):
+        for dim in (int(d) for d in args.compile_dims.split(",")):
+            precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+            for precision in precisions:
+                base = dict(HEAD_DIM=dim, D_PAD=triton_backend._padded_dim(dim), UPCAST_DOT=False, DOT_PRECISION=precision)
+                variants = [(kernels.potential_pass_kernel, dict(base, HAS_BIAS=bias)) for bias in (False, True)]
+                variants += [(kernels.attention_pass_kernel,
+                              dict(base, VALUE_DIM=dim, DV_PAD=base["D_PAD"], HAS_BIAS=bias, WRITE_ROW_POTENTIAL=not bias))
+                             for bias in (False, True)]
+                for kernel, constexprs in variants:
+                    named = {"x": torch.empty(1, dtype=torch_dtypes[dtype]), "rows_bucket": 4096, "cols_bucket": 4096}
+                    for config in kernels._prune_configs(kernel.configs, named, **constexprs):
+                        fn = kernel.fn
+                        cx = dict(constexprs, **config.kwargs)
+                        cx.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
+                        signature = {}
+                        for n in fn.arg_names:
+                            if n in cx:
+                                signature[n] = "constexpr"
+                            elif n.endswith("_ptr"):
+                                signature[n] = "*fp32" if n in potential_args else "*" + dtype
+                            else:
+                                signature[n] = "fp32" if n in float_args else "i32"
+                        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                                 if signature[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride_"))}
+                        src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                                        constexprs={(fn.arg_names.index(n),): v for n, v in cx.items()})
+                        label = (f"{fn.__name__:<22} {dtype} {precision} D={dim:<3} bias={int(constexprs['HAS_BIAS'])} "
+                                 f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}")
+                        t0 = time.perf_counter()
+                        try:
+                            compiled = triton.compile(src, target=target, options={
+                                "num_warps": config.num_warps, "num_stages": config.num_stages})
+                        except Exception as exc:
+                            failures += 1
+                            print(f"{label}  FAILED {type(exc).__name__}: {str(exc)[-400:]}", flush=True)
+                            continue
+                        print(f"{label}  shared {compiled.metadata.shared / 1024:6.1f} KiB  "
+                              f"compile {time.perf_counter() - t0:5.1f} s", flush=True)
+    print(f"{failures} compile failure(s) for sm_{args.compile_only}")
+    return 1 if failures else 0
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compile_only is not None:
+        return compile_only(args)
     cuda = on_gpu(args)
     if args.warmup is None:
         args.warmup = 2 if cuda else 1
