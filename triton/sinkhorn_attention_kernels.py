@@ -14,13 +14,17 @@ logit scale and the potentials kept in base 2 (f2 = f·log2 e, g2 = g·log2 e),
                      (flash attention with a key bias; it can also write f2 = log2 a − LSE2, which
                      is all that num_iters = 0 needs)
 
-Float32 accumulation and potentials for float16/bfloat16/float32 inputs. Head dims are padded to a
-power of two with masked loads; rows and columns past N are masked, the padded columns enter every
-LSE as -inf and every column tile holds at least one real column, so the running max is finite for
-finite inputs and no -inf − -inf appears. NaN in an input reaches the sums through exp2 and stays.
+Float32 accumulation and potentials for float16/bfloat16/float32 inputs (``tl.dot`` in the input
+dtype, float32 as IEEE or TF32 as the launcher says). Head dims are constexpr and padded to a power
+of two, masked only when padding exists. Whole column tiles run unmasked; the one partial tile
+comes last and its missing columns enter the LSE as -inf. Every tile holds at least one real
+column, so the running max is finite for finite inputs and no -inf − -inf appears. NaN in an input
+reaches the sums through exp2 and stays; an infinite ``out`` (only possible from non-finite
+inputs) is written as NaN. Tile starts are 64-bit, offsets inside a tile 32-bit.
 
-Autotuning is keyed on bucketed sizes on a GPU; under ``TRITON_INTERPRET=1`` exactly one pinned
-configuration is used (the interpreter cannot benchmark several).
+Autotuning is keyed on bucketed sizes on a GPU (single config below 1024 rows or columns, or with
+``ASAG_TRITON_AUTOTUNE=0``); under ``TRITON_INTERPRET=1`` exactly one pinned configuration is used
+(the interpreter cannot benchmark several).
 """
 
 from __future__ import annotations
