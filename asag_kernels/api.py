@@ -1,4 +1,4 @@
-"""Public entry point: validates inputs (SPEC §5), resolves the backend, calls the custom op."""
+"""Public entry point: validates inputs (SPEC §5) and calls the custom op, which resolves the backend."""
 
 from __future__ import annotations
 
@@ -22,24 +22,6 @@ def available_backends() -> list[str]:
 def backend_status() -> dict[str, str]:
     """Every backend name -> "ok", or the reason it is not usable here."""
     return backends.backend_status()
-
-
-@torch.compiler.assume_constant_result
-def _resolve_backend(requested: str, device_type: str, device_index: int, dtype: torch.dtype) -> str:
-    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
-    if requested == "auto":
-        return backends.resolve_auto(device, dtype)
-    return requested
-
-
-@torch.compiler.assume_constant_result
-def _unsupported_reason(name: str, device_type: str, dtype: torch.dtype) -> str:
-    reason = backends.unsupported_reason(name, torch.device(device_type), dtype)
-    return reason or ""
-
-
-def _usable_summary() -> str:
-    return "; ".join(f"{name}: {why}" for name, why in backends.backend_status().items())
 
 
 def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend) -> None:
@@ -126,15 +108,7 @@ def sinkhorn_attention(
     _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    device = q.device
-    name = _resolve_backend(backend, device.type, -1 if device.index is None else device.index, q.dtype)
-    reason = _unsupported_reason(name, device.type, q.dtype)
-    if reason:
-        raise ValueError(
-            f"backend={name!r} cannot run {q.dtype} tensors on {device.type}: {reason}. "
-            f"Available backends here: {available_backends()} (status: {_usable_summary()})"
-        )
-    out, f, g = sinkhorn_attention_op(q, k, v, num_iters, cost, float(scale), float(epsilon), name)
+    out, f, g = sinkhorn_attention_op(q, k, v, num_iters, cost, float(scale), float(epsilon), backend)
     if return_potentials:
         return out, f, g
     return out

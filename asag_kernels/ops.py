@@ -35,7 +35,13 @@ def sinkhorn_attention_op(
     epsilon: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sinkhorn attention over validated ``[..., N, D]`` tensors; returns (out, f, g)."""
+    """Sinkhorn attention over validated ``[..., N, D]`` tensors; returns (out, f, g).
+
+    ``backend`` is a backend name or "auto" (resolved per call for the tensors' device and dtype).
+    """
+    # Resolved here, at run time, rather than in the traced Python of api.py: availability checks
+    # (imports, file probes) stay invisible to torch.compile this way.
+    name = backends.resolve(backend, q.device, q.dtype)
     lead = q.shape[:-2]
     nq, nk = q.shape[-2], k.shape[-2]
     if lead.numel() == 0 or nq == 0:
@@ -48,7 +54,7 @@ def sinkhorn_attention_op(
     # Backends take [B, H, N, D]; these reshapes are views for the usual 2-D/3-D/4-D layouts.
     q4, k4, v4 = (_as_4d(t) for t in (q, k, v))
     out, f, g = backends.run(
-        backend, q4, k4, v4, num_iters=num_iters, cost_sign=_COST_SIGN[cost], scale=scale, epsilon=epsilon
+        name, q4, k4, v4, num_iters=num_iters, cost_sign=_COST_SIGN[cost], scale=scale, epsilon=epsilon
     )
     return out.reshape(lead + (nq, v.shape[-1])), f.reshape(lead + (nq,)), g.reshape(lead + (nk,))
 

@@ -76,5 +76,18 @@ def resolve_auto(device: torch.device, dtype: torch.dtype) -> str:
     return "torch"
 
 
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs these tensors: "auto" picks one; a named one that cannot run raises."""
+    name = resolve_auto(device, dtype) if requested == "auto" else requested
+    reason = unsupported_reason(name, device, dtype)
+    if reason is not None:
+        summary = "; ".join(f"{n}: {why}" for n, why in backend_status().items())
+        raise ValueError(
+            f"backend={name!r} cannot run {dtype} tensors on {device.type}: {reason}. "
+            f"Available backends here: {available_backends()} (status: {summary})"
+        )
+    return name
+
+
 def run(name: str, q, k, v, *, num_iters: int, cost_sign: float, scale: float, epsilon: float):
     return get(name).run(q, k, v, num_iters=num_iters, cost_sign=cost_sign, scale=scale, epsilon=epsilon)
