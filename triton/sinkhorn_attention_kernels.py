@@ -1,7 +1,8 @@
 """Triton kernels of ``backend="triton"``: tiled log-domain Sinkhorn attention (SPEC §3).
 
 Everything runs in base 2 so that each exponential is one ``exp2``: with log2(e) folded into the
-logit scale and the potentials kept in base 2 (f2 = f·log2 e, g2 = g·log2 e),
+logit scale and the potentials taken to base 2 as they are read (f2 = f·log2 e, g2 = g·log2 e; the
+buffers hold natural-log f and g, what the caller gets, so no conversion pass is needed),
 
     L2[i,j] = c2 · <q_i, k_j>,          c2 = cost_sign · scale / epsilon · log2(e)
 
@@ -35,6 +36,8 @@ import triton
 import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # The interpreter is slow per tile and cannot autotune: one small configuration.
 INTERPRETER_BLOCK_M = 64
@@ -166,9 +169,9 @@ def _logit_tile(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d, str
     logits = tl.dot(rows, cols_t, input_precision=DOT_PRECISION) * logit_scale2
     if HAS_BIAS:
         if MASK_COLS:
-            bias = tl.load(col_bias_ptr + cols_idx, mask=cols_idx < n_cols, other=float("-inf"))
+            bias = tl.load(col_bias_ptr + cols_idx, mask=cols_idx < n_cols, other=float("-inf")) * LOG2E
         else:
-            bias = tl.load(col_bias_ptr + cols_idx)
+            bias = tl.load(col_bias_ptr + cols_idx) * LOG2E
         logits = logits + bias[None, :]
     elif MASK_COLS:
         logits = tl.where((cols_idx < n_cols)[None, :], logits, float("-inf"))
@@ -239,7 +242,7 @@ def potential_pass_kernel(
                                              stride_cn, stride_cd, logit_scale2, run_max, run_sum,
                                              HEAD_DIM, D_PAD, HAS_BIAS, True, UPCAST_DOT, DOT_PRECISION)
 
-    potential = log2_marginal - (run_max + tl.log2(run_sum))
+    potential = (log2_marginal - (run_max + tl.log2(run_sum))) * LN2
     tl.store(potential_ptr + row_start + offs_r, potential, mask=row_start + offs_r < n_rows)
 
 
@@ -336,4 +339,5 @@ def attention_pass_kernel(
         mask=row_mask[:, None] & (offs_dv < VALUE_DIM)[None, :],
     )
     if WRITE_ROW_POTENTIAL:
-        tl.store(row_potential_ptr + row_start + offs_m, log2_row_marginal - (run_max + tl.log2(run_sum)), mask=row_mask)
+        row_potential = (log2_row_marginal - (run_max + tl.log2(run_sum))) * LN2
+        tl.store(row_potential_ptr + row_start + offs_m, row_potential, mask=row_mask)

@@ -2,8 +2,8 @@
 
 A call with ``num_iters = T`` runs 2T + 1 passes over the logits (SPEC §7): T row and T column
 potential passes, then one attention pass with the key bias g. ``T = 0`` needs only the attention
-pass, which also writes f. Potentials live in base 2 inside the kernels and are converted to
-natural-log units once at the end.
+pass, which also writes f. The potential buffers hold natural-log f and g (what the caller gets);
+the kernels take them to base 2 as they read them.
 
 The kernel sources ship in the wheel as ``asag_kernels.triton_kernels`` (setup.py maps the
 top-level ``triton/`` folder there); from a source checkout that is not installed they are loaded
@@ -28,7 +28,6 @@ KERNEL_MODULE = "sinkhorn_attention_kernels"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SOURCE_KERNEL_DIR = os.path.join(_REPO_ROOT, "triton")
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 # CUDA caps grid dims 1 and 2 at 65535; heads·batch go on dim 1.
 _MAX_GRID_Y = 65535
 _MAX_HEAD_DIM = 256
@@ -152,8 +151,8 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
         )
     device = q.device
     out = _alloc((batch, heads, n_q, value_dim), q.dtype, device)
-    f2 = _alloc((batch, heads, n_q), torch.float32, device)
-    g2 = _alloc((batch, heads, n_k), torch.float32, device)
+    f = _alloc((batch, heads, n_q), torch.float32, device)
+    g = _alloc((batch, heads, n_k), torch.float32, device)
 
     logit_scale2 = cost_sign * scale / epsilon * _LOG2E
     log2_a, log2_b = -math.log2(n_q), -math.log2(n_k)
@@ -168,52 +167,50 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     # Triton launches on the current CUDA device: make it the tensors' device.
     device_guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with device_guard:
-        _run_pieces(kernels, q, k, v, out, f2, g2, num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common)
-    f2.mul_(_LN2)
-    g2.mul_(_LN2)
-    return out, f2, g2
+        _run_pieces(kernels, q, k, v, out, f, g, num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common)
+    return out, f, g
 
 
-def _run_pieces(kernels, q, k, v, out, f2, g2, num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common):
+def _run_pieces(kernels, q, k, v, out, f, g, num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common):
     batch, heads = q.shape[:2]
     for bs, hs in _grid_chunks(batch, heads):
         # The kernels index potentials as contiguous [B·H, N]: a piece is either whole heads of
         # some batches or a head range of one batch, contiguous either way.
-        _run_chunk(kernels, q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], f2[bs, hs], g2[bs, hs],
+        _run_chunk(kernels, q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], f[bs, hs], g[bs, hs],
                    num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common)
 
 
-def _run_chunk(kernels, q, k, v, out, f2, g2, num_iters, logit_scale2, log2_a, log2_b, q_bucket, k_bucket, common):
+def _run_chunk(kernels, q, k, v, out, f, g, num_iters, logit_scale2, log_a, log_b, q_bucket, k_bucket, common):
     batch, heads, n_q, head_dim = q.shape
     n_k, value_dim = k.shape[2], v.shape[3]
 
-    def potential_pass(rows, cols, col_bias, potential, log2_marginal, rows_bucket, cols_bucket, has_bias):
+    def potential_pass(rows, cols, col_bias, potential, log_marginal, rows_bucket, cols_bucket, has_bias):
         n_rows, n_cols = rows.shape[2], cols.shape[2]
         grid = lambda meta: (triton_cdiv(n_rows, meta["BLOCK_M"]), batch * heads)
         kernels.potential_pass_kernel[grid](
             rows, cols, col_bias, potential,
             n_rows, n_cols, heads,
             *rows.stride(), *cols.stride(),
-            logit_scale2, log2_marginal,
+            logit_scale2, log_marginal,
             rows_bucket, cols_bucket,
             HAS_BIAS=has_bias, **common,
         )
 
     if num_iters == 0:
-        g2.zero_()
+        g.zero_()
     else:
-        potential_pass(q, k, g2, f2, log2_a, q_bucket, k_bucket, has_bias=False)
+        potential_pass(q, k, g, f, log_a, q_bucket, k_bucket, has_bias=False)
         for t in range(num_iters):
             if t > 0:
-                potential_pass(q, k, g2, f2, log2_a, q_bucket, k_bucket, has_bias=True)
-            potential_pass(k, q, f2, g2, log2_b, k_bucket, q_bucket, has_bias=True)
+                potential_pass(q, k, g, f, log_a, q_bucket, k_bucket, has_bias=True)
+            potential_pass(k, q, f, g, log_b, k_bucket, q_bucket, has_bias=True)
 
     grid = lambda meta: (triton_cdiv(n_q, meta["BLOCK_M"]), batch * heads)
     kernels.attention_pass_kernel[grid](
-        q, k, v, g2, out, f2,
+        q, k, v, g, out, f,
         n_q, n_k, heads,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        logit_scale2, log2_a,
+        logit_scale2, log_a,
         q_bucket, k_bucket,
         HAS_BIAS=num_iters > 0, WRITE_ROW_POTENTIAL=num_iters == 0,
         VALUE_DIM=value_dim, DV_PAD=_padded_dim(value_dim), **common,
