@@ -80,8 +80,23 @@ AUTOTUNE_MIN_SIZE = 1024
 # ASAG_TRITON_AUTOTUNE=0 pins the first configuration everywhere: results are then bitwise
 # reproducible across processes too (autotuning may pick other tiles, which reorders the sums).
 AUTOTUNE = os.environ.get("ASAG_TRITON_AUTOTUNE", "1") != "0"
-# Shared memory a configuration may plan for: fits A100 (164 KiB) and H100 (227 KiB) with room.
+# Shared memory a configuration may plan for: fits A100 (164 KiB) and H100 (227 KiB) with room;
+# less where the device has less (consumer GPUs have about 100 KiB).
 SHARED_MEMORY_BUDGET = 160 * 1024
+_device_budgets: dict = {}
+
+
+def _shared_memory_budget() -> int:
+    try:
+        import torch
+
+        device = torch.cuda.current_device()
+        if device not in _device_budgets:
+            props = triton.runtime.driver.active.utils.get_device_properties(device)
+            _device_budgets[device] = min(SHARED_MEMORY_BUDGET, int(props["max_shared_mem"]) - 4 * 1024)
+        return _device_budgets[device]
+    except Exception:  # no GPU (ahead-of-time compile checks): the default
+        return SHARED_MEMORY_BUDGET
 # float32 without TF32 is an FMA dot (no tensor cores): small tiles, short compiles.
 _FLOAT32_SHAPES = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)]
 
@@ -97,14 +112,15 @@ def _prune_configs(configs, named_args, **kwargs):
         return configs
     elem_bytes = next(iter(named_args.values())).element_size()
     d_pad, dv_pad = kwargs["D_PAD"], kwargs.get("DV_PAD", 0)
+    budget = _shared_memory_budget()
     if elem_bytes == 4 and kwargs.get("DOT_PRECISION") == "ieee":
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _FLOAT32_SHAPES]
     kept = {}
     for c in configs:
         block_m, block_n, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
-        while stages > 1 and _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes) > SHARED_MEMORY_BUDGET:
+        while stages > 1 and _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes) > budget:
             stages -= 1
-        if _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes) <= SHARED_MEMORY_BUDGET:
+        if _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes) <= budget:
             kept.setdefault((block_m, block_n, c.num_warps, stages),
                             triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=c.num_warps, num_stages=stages))
     kept = list(kept.values()) or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
