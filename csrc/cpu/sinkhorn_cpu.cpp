@@ -517,7 +517,11 @@ class HugePageBuffer {
     TORCH_CHECK(posix_memalign(&p, kAlign, bytes) == 0 && p, "sinkhorn_attention_cpu: cannot allocate ", bytes,
                 " bytes of workspace");
 #ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure only costs speed
+    static const bool huge = [] {
+      const char* e = std::getenv("ASAG_CPU_HUGEPAGES");
+      return !(e && e[0] == '0');
+    }();
+    if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure only costs speed
 #endif
     ptr_ = static_cast<float*>(p);
   }
