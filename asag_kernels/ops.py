@@ -41,7 +41,7 @@ def sinkhorn_attention_op(
     """
     # Resolved here, at run time, rather than in the traced Python of api.py: availability checks
     # (imports, file probes) stay invisible to torch.compile this way.
-    name = backends.resolve(backend, q.device, q.dtype)
+    name = backends.resolve(backend, q.device, q.dtype, max(q.shape[-1], v.shape[-1]))
     lead = q.shape[:-2]
     nq, nk = q.shape[-2], k.shape[-2]
     if lead.numel() == 0 or nq == 0:

@@ -290,3 +290,17 @@ def test_explicit_backend_never_falls_back():
     for name in unusable:
         with pytest.raises(ValueError, match=f"backend='{name}'.*Available backends"):
             sinkhorn_attention(q, q, q, backend=name)
+
+
+def test_auto_skips_backends_whose_head_dim_limit_is_exceeded():
+    for name in backends.BACKENDS:
+        limit = getattr(backends.get(name), "MAX_HEAD_DIM", None)
+        if limit is None or backends.unsupported_reason(name, DEVICE, torch.float32) is not None:
+            continue
+        reason = backends.unsupported_reason(name, DEVICE, torch.float32, head_dim=limit + 1)
+        assert reason is not None and f"up to {limit}" in reason
+        assert backends.resolve_auto(DEVICE, torch.float32, head_dim=limit + 1) != name
+    q = torch.randn(1, 1, 5, 300, device=DEVICE)
+    out = sinkhorn_attention(q, q, q[..., :7], num_iters=1)  # "auto" must find a backend for D = 300
+    ref = sinkhorn_attention(q.double(), q.double(), q[..., :7].double(), num_iters=1, backend="reference")
+    assert rel_err(out, ref) <= 1e-5

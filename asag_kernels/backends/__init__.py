@@ -55,11 +55,15 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if status(name) == "ok"]
 
 
-def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if backend `name` can run tensors of this device/dtype here, else the reason."""
+def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0) -> str | None:
+    """None if backend `name` can run tensors of this device/dtype (and largest head dim) here,
+    else the reason. A module may cap head dims with a ``MAX_HEAD_DIM`` attribute."""
     st = status(name)
     if st != "ok":
         return st
+    limit = getattr(get(name), "MAX_HEAD_DIM", None)
+    if limit is not None and head_dim > limit:
+        return f"the {name} backend takes head dims (D and Dv) up to {limit}, got {head_dim}"
     return get(name).supports(device, dtype)
 
 
@@ -67,19 +71,20 @@ def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
 _AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
-def resolve_auto(device: torch.device, dtype: torch.dtype) -> str:
+def resolve_auto(device: torch.device, dtype: torch.dtype, head_dim: int = 0) -> str:
     if dtype == torch.float64:
         return "torch"
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if unsupported_reason(name, device, dtype) is None:
+        if unsupported_reason(name, device, dtype, head_dim) is None:
             return name
     return "torch"
 
 
-def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs these tensors: "auto" picks one; a named one that cannot run raises."""
-    name = resolve_auto(device, dtype) if requested == "auto" else requested
-    reason = unsupported_reason(name, device, dtype)
+def resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0) -> str:
+    """The backend that runs these tensors: "auto" picks one; a named one that cannot run raises.
+    `head_dim` is the larger of D and Dv."""
+    name = resolve_auto(device, dtype, head_dim) if requested == "auto" else requested
+    reason = unsupported_reason(name, device, dtype, head_dim)
     if reason is not None:
         summary = "; ".join(f"{n}: {why}" for n, why in backend_status().items())
         raise ValueError(

@@ -31,7 +31,7 @@ except ImportError as exc:  # not built: CPU torch at install time, or a failed 
     _PREBUILT_ERROR = exc
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # read by the registry: larger head dims go to another backend under "auto"
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
 
@@ -171,7 +171,7 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     if ext is None:
         raise RuntimeError(f"asag cuda backend is not usable: {status()}")
     d, dv = q.shape[-1], v.shape[-1]
-    if d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
-        raise ValueError(f"the cuda backend supports head dims up to {_MAX_HEAD_DIM}, got D = {d}, Dv = {dv}")
+    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        raise ValueError(f"the cuda backend supports head dims up to {MAX_HEAD_DIM}, got D = {d}, Dv = {dv}")
     logit_scale = cost_sign * scale / epsilon
     return ext.sinkhorn_attention(q, k, v, int(num_iters), float(logit_scale), tf32_allowed())

@@ -30,7 +30,7 @@ _SOURCE_KERNEL_DIR = os.path.join(_REPO_ROOT, "triton")
 _LOG2E = 1.4426950408889634
 # CUDA caps grid dims 1 and 2 at 65535; heads·batch go on dim 1.
 _MAX_GRID_Y = 65535
-_MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # read by the registry: larger head dims go to another backend under "auto"
 
 _kernels: ModuleType | None = None
 _load_error: str | None = None
@@ -145,9 +145,9 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     kernels = _kernel_module()
     batch, heads, n_q, head_dim = q.shape
     n_k, value_dim = k.shape[2], v.shape[3]
-    if head_dim > _MAX_HEAD_DIM or value_dim > _MAX_HEAD_DIM:
+    if head_dim > MAX_HEAD_DIM or value_dim > MAX_HEAD_DIM:
         raise ValueError(
-            f"the triton backend takes head dims up to {_MAX_HEAD_DIM}, got D={head_dim}, Dv={value_dim}"
+            f"the triton backend takes head dims up to {MAX_HEAD_DIM}, got D={head_dim}, Dv={value_dim}"
         )
     device = q.device
     out = _alloc((batch, heads, n_q, value_dim), q.dtype, device)
