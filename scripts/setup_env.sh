@@ -12,7 +12,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q "setuptools>=70.1" ninja "$TORCH_SPEC"
+python -m pip install -q "setuptools>=77" ninja "$TORCH_SPEC"
 if ! python -c "import asag_kernels._C_cpu" 2>/dev/null || [ "${ASAG_REINSTALL:-0}" = 1 ]; then
   # No build isolation: the extension must build against the torch installed above, and an isolated
   # build environment would fetch another (multi-gigabyte CUDA) torch.
