@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "asag/cpu_rows.h"
@@ -534,6 +535,29 @@ class HugePageBuffer {
   float* ptr_ = nullptr;
 };
 
+// The cache outlives a call (one buffer, reused by the next call that fits in it) so that a call
+// does not pay for faulting in and zeroing fresh pages: that cost is as large as a whole cached
+// sweep. It never exceeds the workspace budget of the call that sized it. A call that finds it in
+// use by another thread allocates its own. ASAG_CPU_KEEP_WORKSPACE=0 frees it after every call.
+struct KeptCache {
+  std::mutex mutex;
+  std::unique_ptr<HugePageBuffer> buffer;
+  size_t floats = 0;
+};
+
+KeptCache& kept_cache() {
+  static KeptCache* kept = new KeptCache();  // leaked on purpose: no teardown-order issues at exit
+  return *kept;
+}
+
+bool keep_workspace() {
+  static const bool keep = [] {
+    const char* e = std::getenv("ASAG_CPU_KEEP_WORKSPACE");
+    return !(e && e[0] == '0');
+  }();
+  return keep;
+}
+
 // A [n × width] float32 view with unit column stride usable as a GEMM operand, or a float32 copy.
 struct RowMajor {
   at::Tensor holder;
@@ -634,15 +658,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
   const bool out_direct = q.scalar_type() == at::kFloat;
   struct Worker {
     std::vector<Scratch> scratch;
-    std::unique_ptr<HugePageBuffer> cache;
+    float* cache_rows = nullptr;
     at::Tensor small;
     at::Tensor out_f32;
     std::unique_ptr<HeadSolver> solver;
   };
+  const size_t cache_floats_per_worker = size_t(plan.nseg * plan.cached_rows * nk);
+  const size_t cache_floats = cache_floats_per_worker * size_t(workers);
+  std::unique_lock<std::mutex> kept_lock;
+  std::unique_ptr<HugePageBuffer> own_cache;
+  float* cache_base = nullptr;
+  if (cache_floats > 0) {
+    KeptCache& kept = kept_cache();
+    std::unique_lock<std::mutex> lock(kept.mutex, std::try_to_lock);
+    if (keep_workspace() && lock.owns_lock()) {
+      if (kept.floats < cache_floats) {
+        kept.buffer.reset();
+        kept.buffer = std::make_unique<HugePageBuffer>(cache_floats);
+        kept.floats = cache_floats;
+      }
+      cache_base = kept.buffer->data();
+      kept_lock = std::move(lock);
+    } else {
+      if (lock.owns_lock() && kept.buffer) {  // keeping is off: drop what an earlier call kept
+        kept.buffer.reset();
+        kept.floats = 0;
+      }
+      own_cache = std::make_unique<HugePageBuffer>(cache_floats);
+      cache_base = own_cache->data();
+    }
+  }
   std::vector<Worker> pool(workers);
-  for (auto& w : pool) {
+  for (size_t wi = 0; wi < pool.size(); ++wi) {
+    Worker& w = pool[wi];
     w.scratch = make_scratch(heads_parallel ? 1 : nthreads);
-    w.cache = std::make_unique<HugePageBuffer>(size_t(plan.nseg * plan.cached_rows * nk));
+    w.cache_rows = cache_base ? cache_base + wi * cache_floats_per_worker : nullptr;
     w.small = at::empty({plan.nseg * 2 * nk + nk * (dv + 2) + 2 * nq}, q.options().dtype(at::kFloat));
     float* partial_buf = w.small.data_ptr<float>();
     float* v_weighted = partial_buf + plan.nseg * 2 * nk;
@@ -650,7 +700,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
     float* row_max = col_w + nk;
     float* row_sum = row_max + nq;
     if (!out_direct) w.out_f32 = at::empty({nq, dv}, q.options().dtype(at::kFloat));
-    w.solver = std::make_unique<HeadSolver>(p, plan, w.cache->data(), w.scratch, partial_buf, row_max, row_sum, col_w,
+    w.solver = std::make_unique<HeadSolver>(p, plan, w.cache_rows, w.scratch, partial_buf, row_max, row_sum, col_w,
                                             v_weighted);
   }
 
