@@ -55,8 +55,9 @@ def _extensions():
         for arch in archs:
             code = arch.replace(".", "").replace("sm_", "")  # "90a" stays "90a" (arch-specific features)
             gencode += ["-gencode", f"arch=compute_{code},code=sm_{code}"]
-        if archs:  # PTX of the newest arch too, so later GPUs can JIT it
-            gencode += ["-gencode", f"arch=compute_{code},code=compute_{code}"]
+        if archs:  # portable PTX of the newest arch too ("90a" PTX would run on sm_90a only), for later GPUs
+            newest = max(int(a.replace(".", "").replace("sm_", "").rstrip("a")) for a in archs)
+            gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
         exts.append(
             CUDAExtension(
                 "asag_kernels._C_cuda",

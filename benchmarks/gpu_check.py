@@ -69,8 +69,13 @@ def run_tests(args) -> int:
     else:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_backend.py",
                "-k", "padding_and_tails and 65-130"]
+    env = dict(os.environ)
+    if on_gpu(args):
+        # On a GPU both GPU backends must run: a missing one fails the suite instead of skipping.
+        env.setdefault("ASAG_REQUIRE_BACKENDS", "reference,torch,triton,cuda")
+        env.setdefault("ASAG_CUDA_JIT", "wait")
     print("$ " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=REPO)
+    rc = subprocess.call(cmd, cwd=REPO, env=env)
     print(f"pytest exit status: {rc}", flush=True)
     return rc
 

@@ -13,9 +13,13 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q "setuptools>=77" ninja "$TORCH_SPEC"
-if ! python -c "import asag_kernels._C_cpu" 2>/dev/null || [ "${ASAG_REINSTALL:-0}" = 1 ]; then
+# Reinstall (rebuilding the extension) when the build inputs changed since the last install.
+stamp=$(cat setup.py pyproject.toml $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.asag_build_stamp 2>/dev/null)" != "$stamp" ] || [ "${ASAG_REINSTALL:-0}" = 1 ] \
+   || ! python -c "import asag_kernels._C_cpu" 2>/dev/null; then
   # No build isolation: the extension must build against the torch installed above, and an isolated
   # build environment would fetch another (multi-gigabyte CUDA) torch.
   MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation -e ".[test,triton,diffusers,bench]"
+  echo "$stamp" > .venv/.asag_build_stamp
 fi
 python -c "import asag_kernels as a; print('asag_kernels', a.__version__, a.backend_status())"

@@ -17,6 +17,11 @@ from asag_kernels import backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cuda":
+    # A just-in-time CUDA build must finish before tests decide what to skip ("building..." would
+    # otherwise skip every cuda case quietly).
+    from asag_kernels.backends import cuda_backend
+
+    cuda_backend.wait_for_build()
     # SPEC §4's float32 tolerance is for exact float32 products; TF32 has its own, looser budget.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -133,6 +133,12 @@ torch.set_float32_matmul_precision("high"); seen.append(cuda_backend.tf32_allowe
 torch.set_float32_matmul_precision("highest"); seen.append(cuda_backend.tf32_allowed())
 m.fp32_precision = "tf32"; seen.append(cuda_backend.tf32_allowed())
 m.fp32_precision = "ieee"; seen.append(cuda_backend.tf32_allowed())
+# The Triton launcher reads the same switch (after the new API was used, as here).
+from asag_kernels.backends import triton_backend
+assert triton_backend.dot_precision(torch.float32) == "ieee"
+m.fp32_precision = "tf32"
+assert triton_backend.dot_precision(torch.float32) == "tf32"
+assert triton_backend.dot_precision(torch.bfloat16) == "ieee"
 print(seen)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -208,7 +208,7 @@ def _potential_update(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_
 
 @triton.autotune(
     configs=_potential_configs(),
-    key=["rows_bucket", "cols_bucket", "D_PAD", "HAS_BIAS"],
+    key=["rows_bucket", "cols_bucket", "D_PAD", "HAS_BIAS", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -285,7 +285,7 @@ def _attention_update(q, k_ptr, v_ptr, key_bias_ptr, start, n_k, offs_n, offs_d,
 
 @triton.autotune(
     configs=_attention_configs(),
-    key=["rows_bucket", "cols_bucket", "D_PAD", "DV_PAD", "HAS_BIAS"],
+    key=["rows_bucket", "cols_bucket", "D_PAD", "DV_PAD", "HAS_BIAS", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit

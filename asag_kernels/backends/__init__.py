@@ -80,6 +80,18 @@ def resolve_auto(device: torch.device, dtype: torch.dtype, head_dim: int = 0) ->
     return "torch"
 
 
+def tf32_allowed() -> bool:
+    """Whether torch currently allows TF32 for float32 matmuls on CUDA (new or legacy API)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None and precision != "none":
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # the legacy flag is unreadable once the new API was used ("none" here)
+        return False
+
+
 def resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int = 0) -> str:
     """The backend that runs these tensors: "auto" picks one; a named one that cannot run raises.
     `head_dim` is the larger of D and Dv."""

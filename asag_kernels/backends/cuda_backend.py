@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from . import tf32_allowed
+
 try:
     from asag_kernels import _C_cuda as _prebuilt
 
@@ -31,6 +33,7 @@ except ImportError as exc:  # not built: CPU torch at install time, or a failed 
     _PREBUILT_ERROR = exc
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP32_WIDE_HEAD_SMEM_BYTES = 133_248  # AttentionConfig<kFloat32|kTf32, 256, 256, 32> in sinkhorn_kernels.cuh
 MAX_HEAD_DIM = 256  # read by the registry: larger head dims go to another backend under "auto"
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
@@ -154,18 +157,6 @@ def supports(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def tf32_allowed() -> bool:
-    """Whether torch currently allows TF32 for float32 matmuls on CUDA."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is not None and precision != "none":
-        return precision == "tf32"
-    try:
-        return bool(matmul.allow_tf32)
-    except RuntimeError:  # legacy flag unreadable after the new API was used; precision said "none"
-        return False
-
-
 def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     ext = _extension()
     if ext is None:
@@ -173,5 +164,14 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     d, dv = q.shape[-1], v.shape[-1]
     if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         raise ValueError(f"the cuda backend supports head dims up to {MAX_HEAD_DIM}, got D = {d}, Dv = {dv}")
+    if q.dtype == torch.float32 and max(d, dv) > 128:
+        # The float32/TF32 attention tiles at head dims 129..256 need this much shared memory per
+        # block: A100/H100 have it, sm_86/sm_89 cards (about 99 KiB) do not.
+        optin = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", None)
+        if optin is not None and optin < _FP32_WIDE_HEAD_SMEM_BYTES:
+            raise ValueError(
+                f"the cuda backend's float32 kernels at head dims above 128 need {_FP32_WIDE_HEAD_SMEM_BYTES} bytes "
+                f"of shared memory per block; this GPU offers {optin}. Use float16/bfloat16 or backend='triton'/'torch'"
+            )
     logit_scale = cost_sign * scale / epsilon
     return ext.sinkhorn_attention(q, k, v, int(num_iters), float(logit_scale), tf32_allowed())

@@ -74,8 +74,8 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
                     fh[:, r0:r1] = log_a - torch.logsumexp(logits(r0, r1) + gh.unsqueeze(-2), dim=-1)
 
             row_update()
-            for _ in range(num_iters):
-                if _ > 0:
+            for t in range(num_iters):
+                if t > 0:
                     row_update()
                 col_lse = None
                 for r0, r1 in row_ranges:

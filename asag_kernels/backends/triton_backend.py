@@ -24,6 +24,8 @@ from types import ModuleType
 
 import torch
 
+from . import tf32_allowed
+
 KERNEL_MODULE = "sinkhorn_attention_kernels"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SOURCE_KERNEL_DIR = os.path.join(_REPO_ROOT, "triton")
@@ -96,7 +98,12 @@ def _kernel_module() -> ModuleType | None:
 
 
 def status() -> str:
-    return "ok" if _kernel_module() is not None else _load_error
+    kernels = _kernel_module()
+    if kernels is None:
+        return _load_error
+    if not kernels.INTERPRETING and not torch.cuda.is_available():
+        return "no CUDA GPU (the triton backend runs CPU tensors only under TRITON_INTERPRET=1)"
+    return "ok"
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -118,7 +125,7 @@ def supports(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision: TF32 for float32 only where torch allows it, as torch's matmul would."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and tf32_allowed():
         return "tf32"
     return "ieee"
 
