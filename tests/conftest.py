@@ -89,3 +89,15 @@ def pytest_report_header(config):
     lines = [f"asag_kernels device under test: {DEVICE}"]
     lines += [f"  backend {name}: {why}" for name, why in backends.backend_status().items()]
     return lines
+
+
+def assert_close_to_reference(got, ref, dtype, ctx=""):
+    """(out, f, g) against the reference's (out, f, g) with SPEC §4's tolerances for `dtype`."""
+    (out, f, g), (ref_out, ref_f, ref_g) = got, ref
+    tol_out, tol_pot = TOLERANCES[dtype]
+    pot = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == dtype and out.is_contiguous() and f.dtype == g.dtype == pot, ctx
+    assert torch.isfinite(out).all() and torch.isfinite(f).all() and torch.isfinite(g).all(), ctx
+    assert rel_err(out, ref_out) <= tol_out, f"out rel err {rel_err(out, ref_out):.3e} > {tol_out}: {ctx}"
+    assert max_abs_err(f, ref_f) <= tol_pot, f"f err {max_abs_err(f, ref_f):.3e} > {tol_pot}: {ctx}"
+    assert max_abs_err(g, ref_g) <= tol_pot, f"g err {max_abs_err(g, ref_g):.3e} > {tol_pot}: {ctx}"

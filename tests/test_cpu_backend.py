@@ -13,7 +13,7 @@ from asag_kernels import sinkhorn_attention
 from asag_kernels.backends import cpu as cpu_backend
 from asag_kernels.backends import reference
 
-from conftest import TOLERANCES, make_inputs, max_abs_err, rel_err
+from conftest import assert_close_to_reference, make_inputs
 
 pytestmark = pytest.mark.skipif(cpu_backend.status() != "ok", reason=f"cpu backend: {cpu_backend.status()}")
 
@@ -28,17 +28,6 @@ def _ext():
 
 def _reference(q, k, v, num_iters, cost_sign, scale, epsilon):
     return reference.run(q.double(), k.double(), v.double(), num_iters=num_iters, cost_sign=cost_sign, scale=scale, epsilon=epsilon)
-
-
-def _assert_matches(got, ref, dtype, ctx):
-    out, f, g = got
-    r_out, r_f, r_g = ref
-    tol_out, tol_pot = TOLERANCES[dtype]
-    assert out.dtype == dtype and out.is_contiguous() and f.dtype == g.dtype == torch.float32, ctx
-    assert torch.isfinite(out).all() and torch.isfinite(f).all() and torch.isfinite(g).all(), ctx
-    assert rel_err(out, r_out) <= tol_out, f"out {rel_err(out, r_out):.2e}: {ctx}"
-    assert max_abs_err(f, r_f) <= tol_pot, f"f {max_abs_err(f, r_f):.2e}: {ctx}"
-    assert max_abs_err(g, r_g) <= tol_pot, f"g {max_abs_err(g, r_g):.2e}: {ctx}"
 
 
 def _budgets(nq, nk):
@@ -109,7 +98,7 @@ def test_workspace_budgets_match_reference(num_iters, cost_sign, seed):
     ref = _reference(q, k, v, num_iters, cost_sign, scale, 0.7)
     for budget in _budgets(nq, nk):
         got = _ext().sinkhorn_attention_cpu(q, k, v, num_iters, cost_sign * scale / 0.7, budget)
-        _assert_matches(got, ref, torch.float32, f"budget={budget} T={num_iters} sign={cost_sign} seed={seed}")
+        assert_close_to_reference(got, ref, torch.float32, f"budget={budget} T={num_iters} sign={cost_sign} seed={seed}")
 
 
 def test_workspace_env_reaches_the_kernel(monkeypatch, seed):
@@ -120,7 +109,7 @@ def test_workspace_env_reaches_the_kernel(monkeypatch, seed):
     for mb in ("0", "0.5", "256"):
         monkeypatch.setenv("ASAG_CPU_WORKSPACE_MB", mb)
         got = sinkhorn_attention(q, k, v, num_iters=2, backend="cpu", return_potentials=True)
-        _assert_matches(got, ref, torch.float32, f"ASAG_CPU_WORKSPACE_MB={mb} seed={seed}")
+        assert_close_to_reference(got, ref, torch.float32, f"ASAG_CPU_WORKSPACE_MB={mb} seed={seed}")
         results.append(got[0])
     # Different budgets take different code paths, so their roundings differ.
     assert not torch.equal(results[0], results[2])
@@ -132,7 +121,7 @@ def test_half_inputs_every_budget(dtype, seed):
     ref = _reference(q, k, v, 2, -1.0, 40**-0.5, 1.0)
     for budget in _budgets(130, 97):
         got = _ext().sinkhorn_attention_cpu(q, k, v, 2, -(40**-0.5), budget)
-        _assert_matches(got, ref, dtype, f"{dtype} budget={budget} seed={seed}")
+        assert_close_to_reference(got, ref, dtype, f"{dtype} budget={budget} seed={seed}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,13 +134,13 @@ def test_negligible_columns_and_rows_every_budget(budget, seed):
     direction = q.mean(dim=-2, keepdim=True)
     direction = direction / direction.norm(dim=-1, keepdim=True)
     k[..., :5, :] = 20.0 * direction  # adversarial cost: every row finds these keys negligible
-    q = q + 3.0 * direction
+    q = q + 4.0 * direction  # margin so that (almost) every row sees those keys as far off
     for num_iters in (1, 2, 4):
         ref = _reference(q, k, v, num_iters, -1.0, 0.25, 0.05)
         # Potentials spread far beyond float32 exp's range: the cached rows' sums underflow.
         assert (ref[2].max() - ref[2].min()) > 90
         got = _ext().sinkhorn_attention_cpu(q, k, v, num_iters, -0.25 / 0.05, budget)
-        _assert_matches(got, ref, torch.float32, f"budget={budget} T={num_iters} seed={seed}")
+        assert_close_to_reference(got, ref, torch.float32, f"budget={budget} T={num_iters} seed={seed}")
 
 
 @pytest.mark.parametrize("budget", [0, 64 * MIB])

@@ -16,23 +16,13 @@ import pytest  # noqa: E402
 
 from asag_kernels import sinkhorn_attention  # noqa: E402
 from asag_kernels.backends import triton_backend  # noqa: E402
-from conftest import DEVICE, TOLERANCES, make_inputs, max_abs_err, rel_err, require_backend  # noqa: E402
+from conftest import DEVICE, assert_close_to_reference, make_inputs, max_abs_err, rel_err, require_backend  # noqa: E402
 
 
 def _run_both(q, k, v, **kw):
     got = sinkhorn_attention(q, k, v, backend="triton", return_potentials=True, **kw)
     ref = sinkhorn_attention(q.double(), k.double(), v.double(), backend="reference", return_potentials=True, **kw)
     return got, ref
-
-
-def _assert_close(got, ref, dtype, ctx):
-    (out, f, g), (ref_out, ref_f, ref_g) = got, ref
-    tol_out, tol_pot = TOLERANCES[dtype]
-    assert out.dtype == dtype and out.is_contiguous() and f.dtype == g.dtype == torch.float32, ctx
-    assert torch.isfinite(out).all() and torch.isfinite(f).all() and torch.isfinite(g).all(), ctx
-    assert rel_err(out, ref_out) <= tol_out, f"out {rel_err(out, ref_out):.3e}: {ctx}"
-    assert max_abs_err(f, ref_f) <= tol_pot, f"f {max_abs_err(f, ref_f):.3e}: {ctx}"
-    assert max_abs_err(g, ref_g) <= tol_pot, f"g {max_abs_err(g, ref_g):.3e}: {ctx}"
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +52,7 @@ def test_padding_and_tails(nq, nk, d, dv, dtype, num_iters, seed):
     require_backend("triton", dtype)
     q, k, v = make_inputs((1, 2), nq, nk, d, dv, dtype, seed)
     got, ref = _run_both(q, k, v, num_iters=num_iters, cost="adversarial", epsilon=0.5)
-    _assert_close(got, ref, dtype, f"{nq}x{nk}x{d}x{dv} {dtype} T={num_iters} seed={seed}")
+    assert_close_to_reference(got, ref, dtype, f"{nq}x{nk}x{d}x{dv} {dtype} T={num_iters} seed={seed}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -75,7 +65,7 @@ def test_mixed_strides_without_copies(dtype, seed):
     v = torch.randn(1, 2, 40, 45, generator=gen).to(DEVICE, dtype).transpose(-1, -2)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     got, ref = _run_both(q, k, v, num_iters=2, cost="standard", epsilon=1.0)
-    _assert_close(got, ref, dtype, f"strides {q.stride()} {k.stride()} {v.stride()} seed={seed}")
+    assert_close_to_reference(got, ref, dtype, f"strides {q.stride()} {k.stride()} {v.stride()} seed={seed}")
 
 
 def test_deterministic_bitwise(seed):
@@ -119,14 +109,6 @@ def test_large_logits_stay_finite_and_accurate(seed):
     assert max_abs_err(f, ref_f) <= 1e-6 * ref_f.abs().max().item()
 
 
-def test_dot_precision_follows_torch_tf32_flag(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert triton_backend.dot_precision(torch.float32) == "tf32"
-    assert triton_backend.dot_precision(torch.bfloat16) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert triton_backend.dot_precision(torch.float32) == "ieee"
-
-
 def test_supports():
     assert triton_backend.supports(torch.device("cpu"), torch.float64) is not None
     if triton_backend.status() == "ok":
@@ -162,7 +144,7 @@ def test_grid_split_over_batch_and_heads(monkeypatch, seed):
     monkeypatch.setattr(triton_backend, "_MAX_GRID_Y", 3)
     q, k, v = make_inputs((2, 5), 20, 17, 16, 16, torch.float32, seed, layout="transposed")
     got, ref = _run_both(q, k, v, num_iters=1)
-    _assert_close(got, ref, torch.float32, f"grid split seed={seed}")
+    assert_close_to_reference(got, ref, torch.float32, f"grid split seed={seed}")
 
 
 def test_gpu_check_script_runs_tiny():
