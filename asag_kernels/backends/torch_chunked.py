@@ -42,6 +42,42 @@ def _tile_plan(heads: int, nq: int, nk: int, elem_bytes: int) -> tuple[int, int]
     return 1, max(1, min(nq, tile_elems // nk))
 
 
+def _solve_head_chunk(qh, kt, vh, fh, gh, out_rows, row_ranges, num_iters, logit_scale, log_a, log_b):
+    """Sinkhorn attention for one chunk of heads: fills fh, gh and out_rows in place.
+
+    qh [h, Nq, D] and kt [h, D, Nk] are in the accumulation dtype; with a single row range the
+    logits are computed once and reused by every pass.
+    """
+    cache = torch.matmul(qh, kt).mul_(logit_scale) if len(row_ranges) == 1 else None
+
+    def logits(r0, r1):
+        return cache if cache is not None else torch.matmul(qh[:, r0:r1], kt).mul_(logit_scale)
+
+    def row_update():
+        for r0, r1 in row_ranges:
+            fh[:, r0:r1] = log_a - torch.logsumexp(logits(r0, r1) + gh.unsqueeze(-2), dim=-1)
+
+    def column_update():
+        col_lse = None
+        for r0, r1 in row_ranges:
+            part = torch.logsumexp(logits(r0, r1) + fh[:, r0:r1].unsqueeze(-1), dim=-2)
+            col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
+        gh.copy_(log_b - col_lse)
+
+    gh.zero_()
+    row_update()  # with num_iters = 0 this f (against g = 0) is the one returned
+    for t in range(num_iters):
+        if t > 0:
+            row_update()
+        column_update()
+
+    for r0, r1 in row_ranges:
+        plan_rows = torch.softmax(logits(r0, r1) + gh.unsqueeze(-2), dim=-1)
+        rows_out = torch.matmul(plan_rows, vh)
+        # A convex combination of v's rows is infinite only for non-finite inputs (-> NaN).
+        out_rows[:, r0:r1] = rows_out.masked_fill_(rows_out.isinf(), float("nan"))
+
+
 def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     batch, heads, nq, _ = q.shape
     nk, dv = k.shape[-2], v.shape[-1]
@@ -54,40 +90,12 @@ def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     g = torch.empty((batch, heads, nk), dtype=acc, device=q.device)
     head_chunk, row_chunk = _tile_plan(heads, nq, nk, torch.finfo(acc).bits // 8)
     row_ranges = [(r, min(nq, r + row_chunk)) for r in range(0, nq, row_chunk)]
-    cached = len(row_ranges) == 1
 
     for b in range(batch):
         for h0 in range(0, heads, head_chunk):
             hs = slice(h0, min(heads, h0 + head_chunk))
-            qh = q[b, hs].to(acc)
-            kt = k[b, hs].to(acc).transpose(-1, -2)
-            fh, gh = f[b, hs], g[b, hs]
-            gh.zero_()
-
-            cache = torch.matmul(qh, kt).mul_(logit_scale) if cached else None
-
-            def logits(r0, r1):
-                return cache if cached else torch.matmul(qh[:, r0:r1], kt).mul_(logit_scale)
-
-            def row_update():
-                for r0, r1 in row_ranges:
-                    fh[:, r0:r1] = log_a - torch.logsumexp(logits(r0, r1) + gh.unsqueeze(-2), dim=-1)
-
-            row_update()
-            for t in range(num_iters):
-                if t > 0:
-                    row_update()
-                col_lse = None
-                for r0, r1 in row_ranges:
-                    part = torch.logsumexp(logits(r0, r1) + fh[:, r0:r1].unsqueeze(-1), dim=-2)
-                    col_lse = part if col_lse is None else torch.logaddexp(col_lse, part)
-                gh.copy_(log_b - col_lse)
-
-            vh = v[b, hs].to(acc)
-            for r0, r1 in row_ranges:
-                plan_rows = torch.softmax(logits(r0, r1) + gh.unsqueeze(-2), dim=-1)
-                rows_out = torch.matmul(plan_rows, vh)
-                # A convex combination of v's rows is infinite only for non-finite inputs (-> NaN).
-                out[b, hs, r0:r1] = rows_out.masked_fill_(rows_out.isinf(), float("nan")).to(q.dtype)
-            del cache
+            _solve_head_chunk(
+                q[b, hs].to(acc), k[b, hs].to(acc).transpose(-1, -2), v[b, hs].to(acc),
+                f[b, hs], g[b, hs], out[b, hs], row_ranges, num_iters, logit_scale, log_a, log_b,
+            )
     return out, f, g
