@@ -1,0 +1,137 @@
+"""Argument checks shared by every public entry point (SPEC §5).
+
+Each ``check_*`` returns the normalised value or raises a ValueError/TypeError whose message names
+the argument, says what was expected and what was got. The checks stay traceable by
+``torch.compile(fullgraph=True, dynamic=True)``: a scalar that dynamo made symbolic
+(``torch.SymInt``/``torch.SymFloat``) is accepted as a number and compared only (comparisons on
+symbols become guards); ``math.isfinite`` and friends are applied to plain Python numbers only.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import torch
+
+from .backends import BACKENDS
+
+COSTS: tuple[str, ...] = ("adversarial", "standard")
+BACKEND_CHOICES: tuple[str, ...] = ("auto",) + BACKENDS
+# Every kernel counts iterations in a 32-bit int; one bound for all backends (SPEC §5).
+MAX_NUM_ITERS = 2**31 - 1
+
+_SYMBOLIC = (torch.SymInt, torch.SymFloat)
+_INF = float("inf")
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, str) else repr(value)
+
+
+def _is_real(value) -> bool:
+    """A real number a user may pass as a float argument (bool and tensors excluded)."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        return False
+    return isinstance(value, (numbers.Real,) + _SYMBOLIC)
+
+
+def _finite(value) -> bool:
+    if isinstance(value, _SYMBOLIC):
+        # Comparisons trace as guards; NaN fails both, +-inf fails one.
+        return bool(value > -_INF) and bool(value < _INF)
+    return math.isfinite(value)
+
+
+def check_num_iters(value, name: str = "num_iters") -> int:
+    """An int in [0, MAX_NUM_ITERS] (numpy integers accepted; bool and float rejected)."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int in [0, {MAX_NUM_ITERS}], got {_describe(value)}")
+    if not isinstance(value, torch.SymInt):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int in [0, {MAX_NUM_ITERS}], got {_describe(value)}") from None
+    if value < 0 or value > MAX_NUM_ITERS:
+        raise ValueError(f"{name} must be an int in [0, {MAX_NUM_ITERS}], got {value}")
+    return value
+
+
+def check_finite_float(value, name: str, *, minimum: float | None = None, inclusive: bool = True) -> float:
+    """A finite real number, optionally >= minimum (or > minimum with inclusive=False)."""
+    if minimum is None:
+        expected = "a finite number"
+    else:
+        expected = f"a finite number {'>=' if inclusive else '>'} {minimum:g}"
+    if not _is_real(value):
+        raise TypeError(f"{name} must be {expected}, got {_describe(value)}")
+    if not isinstance(value, _SYMBOLIC):
+        value = float(value)
+    if not _finite(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if minimum is not None and (value < minimum if inclusive else value <= minimum):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_epsilon(value, name: str = "epsilon") -> float:
+    """Entropic regularisation: a finite number > 0."""
+    return check_finite_float(value, name, minimum=0.0, inclusive=False)
+
+
+def check_scale(value, name: str = "scale") -> float | None:
+    """None (meaning 1/sqrt(D)) or a finite number."""
+    if value is None:
+        return None
+    if not _is_real(value):
+        raise TypeError(f"{name} must be None or a finite number, got {_describe(value)}")
+    return check_finite_float(value, name)
+
+
+def check_fraction(value, name: str) -> float:
+    """A finite number in [0, 1]."""
+    value = check_finite_float(value, name, minimum=0.0)
+    if value > 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return value
+
+
+def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {choices}, got {_describe(value)}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_cost(value, name: str = "cost") -> str:
+    """"adversarial" or "standard"."""
+    return _check_choice(value, name, COSTS)
+
+
+def check_backend(value, name: str = "backend") -> str:
+    """"auto" or a backend name (whether it can run here is decided at dispatch)."""
+    return _check_choice(value, name, BACKEND_CHOICES)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype logits and potentials are computed in (SPEC §3): float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_logit_scale(scale, epsilon, dtype: torch.dtype, *, names: str = "scale/epsilon"):
+    """scale/epsilon must be finite in the compute dtype of `dtype` inputs (SPEC §5): a ratio that
+    overflows it (e.g. epsilon=1e-300 for float32 inputs) would turn every logit into +-inf."""
+    limit = torch.finfo(compute_dtype(dtype)).max
+    ratio = scale / epsilon
+    if isinstance(ratio, _SYMBOLIC):
+        bad = not (bool(ratio <= limit) and bool(ratio >= -limit))
+    else:
+        bad = not abs(ratio) <= limit
+    if bad:
+        raise ValueError(
+            f"{names} must be finite in the compute dtype {compute_dtype(dtype)} (|scale/epsilon| <= {limit:.4g}) "
+            f"for {dtype} inputs, got scale={scale!r}, epsilon={epsilon!r}"
+        )
+    return ratio
