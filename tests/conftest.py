@@ -101,3 +101,47 @@ def assert_close_to_reference(got, ref, dtype, ctx=""):
     assert rel_err(out, ref_out) <= tol_out, f"out rel err {rel_err(out, ref_out):.3e} > {tol_out}: {ctx}"
     assert max_abs_err(f, ref_f) <= tol_pot, f"f err {max_abs_err(f, ref_f):.3e} > {tol_pot}: {ctx}"
     assert max_abs_err(g, ref_g) <= tol_pot, f"g err {max_abs_err(g, ref_g):.3e} > {tol_pot}: {ctx}"
+
+
+def blocks_reference(q, k, v, bias_k, bias_q, *, cost_sign, scale, epsilon):
+    """Float64 evaluation of the per-pass building blocks (issue 13), materialising the logits:
+    (row_lse(bias_k), col_lse(bias_q), out, lse) of SPEC §3's L with the given bias vectors."""
+    logits = cost_sign * scale * (q.double() @ k.double().transpose(-1, -2)) / epsilon
+    rows = logits + bias_k.double().unsqueeze(-2)
+    row = torch.logsumexp(rows, dim=-1)
+    col = torch.logsumexp(logits + bias_q.double().unsqueeze(-1), dim=-2)
+    plan = torch.exp(rows - row.masked_fill(row == -float("inf"), 0.0).unsqueeze(-1))
+    return row, col, plan @ v.double(), row
+
+
+def check_blocks(module, dtype, seed, *, layout="transposed", lead=(2, 3), nq=37, nk=29, d=16, dv=8):
+    """A backend module's row_lse / col_lse / biased_attention against `blocks_reference`, with
+    -inf bias entries (excluded keys and queries) and one fully excluded query row."""
+    q, k, v = make_inputs(lead, nq, nk, d, dv, dtype, seed, layout)
+    pot = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(seed + 1)
+    g = torch.randn(*lead, nk, generator=gen, dtype=pot)
+    f = torch.randn(*lead, nq, generator=gen, dtype=pot)
+    g[..., 3] = -float("inf")
+    f[..., 5] = -float("inf")
+    kw = dict(cost_sign=-1.0, scale=0.3, epsilon=0.7)
+    ref_row, ref_col, ref_out, ref_lse = blocks_reference(q, k, v, g, f, **kw)
+    ctx = f"{module.__name__} dtype={dtype} seed={seed}"
+    tol_out, tol_pot = TOLERANCES[dtype]
+    row = module.row_lse(q, k, g, **kw)
+    col = module.col_lse(q, k, f, **kw)
+    out, lse = module.biased_attention(q, k, v, g, **kw)
+    assert row.dtype == col.dtype == lse.dtype == pot and out.dtype == dtype and out.is_contiguous(), ctx
+    assert row.shape == lse.shape == q.shape[:-1] and col.shape == k.shape[:-1] and out.shape == q.shape[:-1] + v.shape[-1:], ctx
+    assert max_abs_err(row, ref_row) <= tol_pot, f"row_lse err {max_abs_err(row, ref_row):.3e}: {ctx}"
+    assert max_abs_err(col, ref_col) <= tol_pot, f"col_lse err {max_abs_err(col, ref_col):.3e}: {ctx}"
+    assert max_abs_err(lse, ref_lse) <= tol_pot, f"lse err {max_abs_err(lse, ref_lse):.3e}: {ctx}"
+    assert rel_err(out, ref_out) <= tol_out, f"out rel err {rel_err(out, ref_out):.3e}: {ctx}"
+
+    # Every key excluded for one (b, h): lse = -inf and out = 0 there, the other heads unaffected.
+    g_none = g.clone()
+    g_none[0, 0] = -float("inf")
+    out2, lse2 = module.biased_attention(q, k, v, g_none, **kw)
+    assert (lse2[0, 0] == -float("inf")).all() and (out2[0, 0] == 0).all(), ctx
+    assert torch.equal(out2[1:], out[1:]) and torch.equal(lse2[1:], lse[1:]), ctx
+    assert (module.row_lse(q, k, g_none, **kw)[0, 0] == -float("inf")).all(), ctx
