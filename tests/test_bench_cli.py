@@ -1,5 +1,6 @@
-"""The benchmark CLI keeps working: `asag-bench --quick` end to end, its JSON schema and values, and
-the pieces its numbers rest on (the naive baseline, the peak-memory probe, the head-sliced error)."""
+"""The benchmark CLI keeps working: `asag-bench --quick` end to end, its JSON schema and values, every
+bad option rejected before anything runs, and the pieces of the benchmark core its numbers rest on
+(the materialising baseline, the timer, the peak-memory probe, the head-sliced error, provenance)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from asag_kernels import bench, sinkhorn_attention
+import asag_kernels
+from asag_kernels import sinkhorn_attention
+from asag_kernels._spec import out_tolerance
+from asag_kernels.benchmarking import cli, core
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_TOP = {"device": str, "torch": str, "asag_kernels": str, "results": list}
@@ -37,7 +41,7 @@ def _run(cmd: list[str], tmp_path: Path, timeout: float = 600) -> subprocess.Com
 def check_report(report: dict, *, shapes: set[str], must_time: set[str]) -> None:
     for key, kind in REQUIRED_TOP.items():
         assert isinstance(report.get(key), kind), f"top-level {key!r} missing or not {kind.__name__}: {report.get(key)!r}"
-    assert report["asag_kernels"] == bench.asag_kernels.__version__
+    assert report["asag_kernels"] == asag_kernels.__version__
     rows = report["results"]
     assert rows, "no result rows"
     for row in rows:
@@ -55,13 +59,13 @@ def check_report(report: dict, *, shapes: set[str], must_time: set[str]) -> None
         # SPEC §4 bounds every backend, and sdpa against float64 softmax attention (the default dtype is
         # float32 on a CPU, bfloat16 on a GPU). Naive runs its logsumexps in the input dtype: in half
         # precision it is only held to being roughly right.
-        tolerance = bench.REL_ERR_TOLERANCE[bench.DTYPES[row["dtype"]]]
+        tolerance = out_tolerance(core.DTYPES[row["dtype"]])
         if row["backend"] == "naive" and row["dtype"] in ("float16", "bfloat16"):
             tolerance = 0.1
         assert 0 <= row["rel_err"] <= tolerance, row
-        assert row["within_tolerance"] is (row["rel_err"] <= bench.REL_ERR_TOLERANCE[bench.DTYPES[row["dtype"]]])
+        assert row["within_tolerance"] is (row["rel_err"] <= out_tolerance(core.DTYPES[row["dtype"]]))
         assert row["passes"] == (1 if row["backend"] == "sdpa" else 2 * row["num_iters"] + 1)
-        if row["backend"] not in bench.BASELINES:
+        if row["backend"] not in core.BASELINES:
             assert row["deterministic"] is True, row  # SPEC §4: bitwise-identical reruns
         if row["backend"] == "sdpa":
             assert row["vs_sdpa"] == 1.0 and row["num_iters"] == 0
@@ -119,7 +123,7 @@ def test_subprocess_rows_csv_and_plot(tmp_path):
 def test_naive_skipped_over_memory_budget(tmp_path, capsys):
     out_json = tmp_path / "r.json"
     # naive's temporaries: 4 x 3 x 96 x 96 float32 = 0.42 MiB for tiny-96, 4 x 2 x 48 x 48 = 0.07 MiB for 2x48x8.
-    rc = bench.main(["--quick", "--shapes", "tiny-96,2x48x8", "--backends", "naive", "--repeat", "1",
+    rc = cli.main(["--quick", "--shapes", "tiny-96,2x48x8", "--backends", "naive", "--repeat", "1",
                      "--mem-budget-mib", "0.3", "--no-progress", "--json", str(out_json)])
     assert rc == 0
     rows = {(r["shape"], r["backend"]): r for r in json.loads(out_json.read_text())["results"]}
@@ -131,71 +135,135 @@ def test_naive_skipped_over_memory_budget(tmp_path, capsys):
     assert "skipped: its [H, N, N] temporaries" in capsys.readouterr().out
 
 
-def test_bad_arguments_exit_2(capsys):
-    for argv, needle in (
-        (["--shapes", "nope"], "unknown shape"),
-        (["--backends", "sdpa,fast"], "unknown ['fast']"),
-        (["--iters", "-1"], "--iters"),
-        (["--warmup", "0"], "--warmup"),
-        (["--repeat", "0"], "--repeat"),
-    ):
-        with pytest.raises(SystemExit) as exit_info:
-            bench.main(argv)
-        assert exit_info.value.code == 2
-        assert needle in capsys.readouterr().err
+def _unwritable_paths(tmp_path: Path) -> dict[str, Path]:
+    # The tests run as root, for whom permission bits do not stop a write: use paths no one can create.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return {"missing-dir": tmp_path / "no-such-dir" / "out", "under-a-file": blocker / "out", "a-dir": tmp_path}
+
+
+# (argv, option the message must name, text of the rejected value it must quote).
+BAD_ARGUMENTS = [
+    (["--shapes", "nope"], "--shapes", "'nope'"),
+    (["--shapes", ""], "--shapes", "''"),  # issue 11 item 9: was accepted silently (default shapes ran)
+    (["--shapes", "tiny-96,,2x8x8"], "--shapes", "'tiny-96,,2x8x8'"),
+    (["--shapes", "0x64x8"], "--shapes", "'0x64x8'"),
+    (["--backends", "sdpa,fast"], "--backends", "['fast']"),
+    (["--backends", ""], "--backends", "''"),
+    (["--iters", "-1"], "--iters", "'-1'"),
+    (["--iters", ""], "--iters", "''"),  # issue 11 item 9: was accepted silently (nothing timed)
+    (["--iters", "1e30"], "--iters", "'1e30'"),  # issue 11 item 9: hung
+    (["--iters", str(10**30)], "--iters", str(10**30)),
+    (["--iters", str(cli.MAX_ITERS + 1)], "--iters", str(cli.MAX_ITERS + 1)),
+    (["--warmup", "0"], "--warmup", "'0'"),
+    (["--repeat", "0"], "--repeat", "'0'"),
+    (["--repeat", str(10**12)], "--repeat", str(10**12)),
+    (["--mem-budget-mib", "nan"], "--mem-budget-mib", "'nan'"),  # issue 11 item 9: traceback
+    (["--mem-budget-mib", "inf"], "--mem-budget-mib", "'inf'"),
+    (["--mem-budget-mib", "0"], "--mem-budget-mib", "'0'"),
+    (["--mem-budget-mib", "-5"], "--mem-budget-mib", "'-5'"),
+    (["--threads", "100000"], "--threads", "'100000'"),  # issue 11 item 9: segfault
+    (["--threads", str((os.cpu_count() or 1) + 1)], "--threads", f"'{(os.cpu_count() or 1) + 1}'"),
+    (["--threads", "0"], "--threads", "'0'"),
+    (["--device", "meta"], "--device", "'meta'"),
+    (["--json", ""], "--json", "''"),
+]
+
+
+@pytest.mark.parametrize("argv,option,got", BAD_ARGUMENTS, ids=[" ".join(a[0]) or "empty" for a in BAD_ARGUMENTS])
+def test_bad_arguments_exit_2_before_anything_runs(argv, option, got, capsys, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the benchmark ran despite a bad option")
+
+    monkeypatch.setattr(cli, "run_benchmark", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--quick", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and got in err, err
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv", "--plot"])
+@pytest.mark.parametrize("kind", ["missing-dir", "under-a-file", "a-dir"])
+def test_unwritable_output_fails_before_the_benchmark(option, kind, tmp_path, capsys, monkeypatch):
+    """Issue 11 item 9: the whole benchmark ran, then the result was lost on the write."""
+    if option == "--plot":
+        pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench extra)")
+    path = _unwritable_paths(tmp_path)[kind]
+    calls = []
+    monkeypatch.setattr(cli, "run_benchmark", lambda *a, **k: calls.append(a) or [])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--quick", "--no-progress", option, str(path)])
+    assert exit_info.value.code == 2 and not calls
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and str(path) in err, err
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def test_writable_output_check_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The early writability check creates nothing that a failed run would leave behind."""
+    monkeypatch.setattr(cli, "run_benchmark", lambda *a, **k: [])
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    args = cli.build_parser().parse_args(["--json", str(out_json), "--csv", str(out_csv)])
+    assert args.json == out_json and not out_json.exists() and not out_csv.exists()
+
+
+def test_threads_up_to_the_machine_accepted():
+    args = cli.build_parser().parse_args(["--threads", str(os.cpu_count() or 1), "--iters", "0, 3,1000"])
+    assert args.threads == (os.cpu_count() or 1) and args.iters == [0, 3, 1000]
 
 
 @pytest.mark.parametrize("num_iters", [0, 1, 3])
 def test_naive_baseline_matches_reference(num_iters):
-    q, k, v = bench.make_inputs((2, 37, 8), torch.float64, torch.device("cpu"), seed=torch.seed() % 2**31)
+    q, k, v = core.make_inputs((2, 37, 8), torch.float64, torch.device("cpu"), seed=torch.seed() % 2**31)
     scale = 1 / math.sqrt(8)
-    ours = bench.naive_sinkhorn_attention(q, k, v, num_iters=num_iters, scale=scale)
+    ours = core.materialising_baseline(q, k, v, num_iters=num_iters, scale=scale)
     ref = sinkhorn_attention(q, k, v, num_iters=num_iters, cost="adversarial", backend="reference")
-    assert bench.relative_error(ours, ref) < 1e-12
+    assert core.relative_error(ours, ref) < 1e-12
 
 
 def test_oracle_on_head_slice_equals_full_problem_heads():
     """Heads are independent: the oracle on heads {0, H-1} is those heads of the full problem."""
-    q, k, v = bench.make_inputs((5, 40, 8), torch.float32, torch.device("cpu"), seed=torch.seed() % 2**31)
-    heads = bench.error_heads(5)
+    q, k, v = core.make_inputs((5, 40, 8), torch.float32, torch.device("cpu"), seed=torch.seed() % 2**31)
+    heads = core.error_heads(5)
     assert heads == [0, 4]
-    sliced, name = bench.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=2**30)
+    sliced, name = core.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=2**30)
     assert "reference" in name
     full = sinkhorn_attention(q.double(), k.double(), v.double(), num_iters=2, backend="reference")
     assert torch.equal(sliced, full[:, heads])
     # Over the budget the float64 torch backend stands in for the materialising reference.
-    streamed, name = bench.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=1)
-    assert "torch" in name and bench.relative_error(streamed, sliced) < 1e-12
-    softmax, _ = bench.oracle_output(q, k, v, backend="sdpa", num_iters=2, heads=heads, mem_budget=2**30)
+    streamed, name = core.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=1)
+    assert "torch" in name and core.relative_error(streamed, sliced) < 1e-12
+    softmax, _ = core.oracle_output(q, k, v, backend="sdpa", num_iters=2, heads=heads, mem_budget=2**30)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())[:, heads]
-    assert bench.relative_error(softmax, sdpa) < 1e-12
+    assert core.relative_error(softmax, sdpa) < 1e-12
 
 
 def test_relative_error_detects_a_wrong_head():
-    q, k, v = bench.make_inputs((3, 32, 8), torch.float32, torch.device("cpu"), seed=torch.seed() % 2**31)
-    ref, _ = bench.oracle_output(q, k, v, backend="torch", num_iters=2, heads=[0, 2], mem_budget=2**30)
+    q, k, v = core.make_inputs((3, 32, 8), torch.float32, torch.device("cpu"), seed=torch.seed() % 2**31)
+    ref, _ = core.oracle_output(q, k, v, backend="torch", num_iters=2, heads=[0, 2], mem_budget=2**30)
     out = sinkhorn_attention(q, k, v, num_iters=2, backend="torch")
-    assert bench.relative_error(out[:, [0, 2]], ref) < 1e-5
-    assert bench.relative_error(out[:, [0, 1]], ref) > 1e-2
+    assert core.relative_error(out[:, [0, 2]], ref) < 1e-5
+    assert core.relative_error(out[:, [0, 1]], ref) > 1e-2
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_cpu_peak_memory_probe_sees_an_allocation_and_not_earlier_ones():
     device = torch.device("cpu")
     earlier = torch.ones(48 * 2**20 // 4)  # touched before the probe: must not count
-    with bench.PeakMemory(device) as probe:
+    with core.PeakMemory(device) as probe:
         held = torch.ones(32 * 2**20 // 4)
         del held
     assert probe.mib is not None and 30 <= probe.mib < 45, probe.mib
-    with bench.PeakMemory(device) as probe:
+    with core.PeakMemory(device) as probe:
         pass
     assert probe.mib is not None and probe.mib < 8, probe.mib
     del earlier
 
 
 def test_measure_row_in_process_reports_interleaved_sdpa_and_determinism():
-    q, k, v = bench.make_inputs((2, 50, 8), torch.float32, torch.device("cpu"))
-    row = bench.measure_row("torch", q, k, v, num_iters=2, warmup=1, repeat=3, heads=[0, 1])
+    q, k, v = core.make_inputs((2, 50, 8), torch.float32, torch.device("cpu"))
+    row = cli.measure_row("torch", q, k, v, num_iters=2, warmup=1, repeat=3, heads=[0, 1])
     assert len(row["times_ms"]) == 3 and len(row["sdpa_times_ms"]) == 3
     assert all(t > 0 for t in row["times_ms"] + row["sdpa_times_ms"])
     assert row["out_heads"].shape == (1, 2, 50, 8)
@@ -207,10 +275,46 @@ def test_measure_row_in_process_reports_interleaved_sdpa_and_determinism():
 def test_format_table_marks_skips_errors_and_tolerance():
     base = dict(median_ms=1.0, vs_sdpa=2.0, peak_mem_mib=3.0, rel_err=1e-3, within_tolerance=False, deterministic=True)
     rows = [
-        bench._result_row("tiny-96", (3, 96, 16), "torch", torch.float32, 2, **base),
-        bench._result_row("tiny-96", (3, 96, 16), "naive", torch.float32, 2, skipped="too big"),
-        bench._result_row("tiny-96", (3, 96, 16), "cpu", torch.float32, 2, error="RuntimeError: boom"),
+        cli.result_row("tiny-96", (3, 96, 16), "torch", torch.float32, 2, **base),
+        cli.result_row("tiny-96", (3, 96, 16), "naive", torch.float32, 2, skipped="too big"),
+        cli.result_row("tiny-96", (3, 96, 16), "cpu", torch.float32, 2, error="RuntimeError: boom"),
     ]
-    table = bench.format_table(rows).splitlines()
+    table = cli.format_table(rows).splitlines()
     assert "over SPEC" in table[2] and "skipped: too big" in table[3] and "ERROR RuntimeError: boom" in table[4]
     assert "3x96x16" in table[2] and " 5 " in table[2]  # passes = 2T + 1
+
+
+def test_time_fns_interleaves_calls_and_times_each():
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    stats = core.time_fns(fns, device="cpu", warmup=1, reps=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then three timed rounds, alternating
+    assert [len(s.times_ms) for s in stats] == [3, 3]
+    assert all(t >= 0 for s in stats for t in s.times_ms) and "perf_counter" in stats[0].method
+    single = core.time_fn(lambda: sum(range(20000)), device="cpu", warmup=0, reps=5)
+    assert len(single.times_ms) == 5 and single.min_ms <= single.median_ms <= single.max_ms > 0
+    with pytest.raises(ValueError, match="reps"):
+        core.time_fn(lambda: None, device="cpu", reps=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_function_counts_the_call():
+    nbytes = core.peak_memory(lambda: torch.ones(24 * 2**20 // 4), "cpu")
+    assert nbytes is not None and 22 * 2**20 <= nbytes < 36 * 2**20, nbytes
+
+
+def test_provenance_names_machine_versions_commit_and_time():
+    prov = core.provenance("cpu")
+    for key in ("utc", "device", "host", "cpu_count", "python", "torch", "triton", "asag_kernels", "git_commit", "command"):
+        assert prov.get(key) not in (None, ""), key
+    assert prov["torch"] == torch.__version__ and prov["asag_kernels"] == asag_kernels.__version__
+    assert prov["utc"].endswith("Z") and prov["device"].startswith("CPU")
+    if (REPO / ".git").exists():
+        commit = prov["git_commit"].removesuffix("+dirty")
+        assert len(commit) == 40 and all(c in "0123456789abcdef" for c in commit), prov["git_commit"]
+
+
+def test_bench_module_is_the_cli():
+    from asag_kernels import bench
+
+    assert bench.main is cli.main
