@@ -1,0 +1,104 @@
+"""Ring: Sinkhorn over shards that rotate around the group; no rank holds the whole sequence.
+
+Rank r keeps its queries q_r, keys k_r, values v_r and the potentials of its own rows f_r and
+columns g_r. Each pass takes W steps; at step t rank r works on the shard that started on rank
+(r - t) mod W while the next one is already in flight (isend to r+1, irecv from r-1):
+
+    row pass     rotates (k_s, g_s):       f_r = -log Nq - logaddexp_s row_lse(q_r, k_s, g_s)
+    column pass  rotates (q_s, f_s):       g_r = -log Nk - logaddexp_s col_lse(q_s, k_r, f_s)
+    final pass   rotates (k_s, v_s, g_s):  out_r = Σ_s exp(lse_s - LSE_s lse_s) · out_s,
+                                           (out_s, lse_s) = biased_attention(q_r, k_s, v_s, g_s)
+
+with the building blocks (SPEC §8) of the chosen backend and g = 0 before the first row pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..block_ops import biased_attention_op, block_backend, col_lse_op, row_lse_op
+from ..ops import potential_dtype
+from .comm import RingExchange
+from .shapes import Layout
+
+
+def _rotate(local, shapes_of, layout: Layout, group, step_fn) -> None:
+    """Call ``step_fn(s, tensors of shard s)`` for every shard s, this rank's first; `shapes_of(s)`
+    gives the shapes of shard s's tensors so receive buffers can be posted in advance."""
+    r, world = layout.rank, layout.world
+    current = local
+    for t in range(world):
+        s = (r - t) % world
+        pending = None
+        if t < world - 1:
+            pending = RingExchange(current, shapes_of((r - t - 1) % world), r, world, group)
+        step_fn(s, current)
+        if pending is not None:
+            current = pending.wait()
+
+
+def run(q, k, v, layout: Layout, *, group, num_iters, cost, scale, epsilon, backend, need_potentials):
+    r = layout.rank
+    p, d, dv = layout.heads, layout.d, layout.dv
+    lead = tuple(q.shape[:-2])
+    nq_tot, nk_tot = sum(layout.nq), sum(layout.nk)
+    pot = potential_dtype(q.dtype)
+    # One backend for every block, chosen before any transfer so that all ranks fail alike.
+    names = {blk: block_backend(backend, blk, q.device, q.dtype, max(d, dv) if blk == "biased_attention" else d)
+             for blk in ("row_lse", "col_lse", "biased_attention")}
+    q3, k3, v3 = (t.reshape((p,) + t.shape[-2:]).contiguous() for t in (q, k, v))
+    nq, nk = layout.nq, layout.nk
+    log_a, log_b = -math.log(nq_tot), -math.log(nk_tot)
+    neg_inf = float("-inf")
+
+    def lse_pass(own_len, rotating, shapes_of, block, log_marginal):
+        """log_marginal - logaddexp over shards of block(*shard): one row or column update."""
+        acc = torch.full((p, own_len), neg_inf, dtype=pot, device=q.device)
+
+        def step(s, tensors):
+            nonlocal acc
+            acc = torch.logaddexp(acc, block(*tensors))
+
+        _rotate(rotating, shapes_of, layout, group, step)
+        return log_marginal - acc
+
+    def row_pass(g_r):  # rotates (k_s, g_s)
+        return lse_pass(nq[r], [k3, g_r], lambda s: [(p, nk[s], d), (p, nk[s])],
+                        lambda k_s, g_s: row_lse_op(q3, k_s, g_s, cost, scale, epsilon, names["row_lse"]), log_a)
+
+    def col_pass(f_r):  # rotates (q_s, f_s)
+        return lse_pass(nk[r], [q3, f_r], lambda s: [(p, nq[s], d), (p, nq[s])],
+                        lambda q_s, f_s: col_lse_op(q_s, k3, f_s, cost, scale, epsilon, names["col_lse"]), log_b)
+
+    g_r = torch.zeros((p, nk[r]), dtype=pot, device=q.device)
+    f_r = None
+    if num_iters == 0 and need_potentials:
+        f_r = row_pass(g_r)
+    for _ in range(num_iters):
+        f_r = row_pass(g_r)
+        g_r = col_pass(f_r)
+
+    # Final pass: outputs of key shards merged by their LSEs (running maximum m, weight sum l).
+    m = torch.full((p, nq[r]), neg_inf, dtype=pot, device=q.device)
+    l = torch.zeros((p, nq[r]), dtype=pot, device=q.device)
+    acc = torch.zeros((p, nq[r], dv), dtype=pot, device=q.device)
+
+    def attend(s, tensors):
+        nonlocal m, l, acc
+        k_s, v_s, g_s = tensors
+        out_s, lse_s = biased_attention_op(q3, k_s, v_s, g_s, cost, scale, epsilon, names["biased_attention"])
+        m_new = torch.maximum(m, lse_s)
+        # exp(-inf - -inf) is NaN: rows with nothing admissible yet keep weights 0.
+        base = torch.where(torch.isfinite(m_new), m_new, 0.0)
+        old_w, new_w = torch.exp(m - base), torch.exp(lse_s - base)
+        acc = acc * old_w.unsqueeze(-1) + out_s.to(pot) * new_w.unsqueeze(-1)
+        l = l * old_w + new_w
+        m = m_new
+
+    _rotate([k3, v3, g_r], lambda s: [(p, nk[s], d), (p, nk[s], dv), (p, nk[s])], layout, group, attend)
+    out = (acc / l.unsqueeze(-1)).to(q.dtype).reshape(lead + (nq[r], dv)).contiguous()
+    if not need_potentials:
+        return out, None, None
+    return out, f_r.reshape(lead + (nq[r],)), g_r.reshape(lead + (nk[r],))
