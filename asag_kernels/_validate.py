@@ -3,13 +3,12 @@
 Each ``check_*`` returns the normalised value or raises a ValueError/TypeError whose message names
 the argument, says what was expected and what was got. The checks stay traceable by
 ``torch.compile(fullgraph=True, dynamic=True)``: a scalar that dynamo made symbolic
-(``torch.SymInt``/``torch.SymFloat``) is accepted as a number and compared only (comparisons on
-symbols become guards); ``math.isfinite`` and friends are applied to plain Python numbers only.
+(``torch.SymInt``/``torch.SymFloat``) is accepted as a number, and every check is a comparison
+(comparisons on symbols become guards; ``math.isfinite`` does not trace).
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 
@@ -38,10 +37,9 @@ def _is_real(value) -> bool:
 
 
 def _finite(value) -> bool:
-    if isinstance(value, _SYMBOLIC):
-        # Comparisons trace as guards; NaN fails both, +-inf fails one.
-        return bool(value > -_INF) and bool(value < _INF)
-    return math.isfinite(value)
+    # Comparisons rather than math.isfinite, which dynamo cannot trace: NaN fails both, +-inf one
+    # (on a symbolic value they become guards).
+    return bool(value > -_INF) and bool(value < _INF)
 
 
 def check_num_iters(value, name: str = "num_iters") -> int:
@@ -125,11 +123,7 @@ def check_logit_scale(scale, epsilon, dtype: torch.dtype, *, names: str = "scale
     overflows it (e.g. epsilon=1e-300 for float32 inputs) would turn every logit into +-inf."""
     limit = torch.finfo(compute_dtype(dtype)).max
     ratio = scale / epsilon
-    if isinstance(ratio, _SYMBOLIC):
-        bad = not (bool(ratio <= limit) and bool(ratio >= -limit))
-    else:
-        bad = not abs(ratio) <= limit
-    if bad:
+    if not (bool(ratio <= limit) and bool(ratio >= -limit)):
         raise ValueError(
             f"{names} must be finite in the compute dtype {compute_dtype(dtype)} (|scale/epsilon| <= {limit:.4g}) "
             f"for {dtype} inputs, got scale={scale!r}, epsilon={epsilon!r}"

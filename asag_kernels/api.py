@@ -7,10 +7,19 @@ import math
 import torch
 
 from . import backends
+from ._validate import (
+    BACKEND_CHOICES,
+    COSTS,
+    check_backend,
+    check_cost,
+    check_epsilon,
+    check_logit_scale,
+    check_num_iters,
+    check_scale,
+)
 from .ops import sinkhorn_attention_op
 
-COSTS = ("adversarial", "standard")
-BACKEND_CHOICES = ("auto",) + backends.BACKENDS
+__all__ = ["sinkhorn_attention", "available_backends", "backend_status", "COSTS", "BACKEND_CHOICES"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -24,7 +33,8 @@ def backend_status() -> dict[str, str]:
     return backends.backend_status()
 
 
-def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend) -> None:
+def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend):
+    """SPEC §5; returns the normalised (num_iters, cost, scale, epsilon, backend), scale resolved."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -50,23 +60,22 @@ def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend) -> None:
         raise ValueError(f"v must have as many rows as k: k has Nk={k.shape[-2]}, v has {v.shape[-2]}")
     if k.shape[-2] == 0:
         raise ValueError("k must hold at least one key (Nk >= 1), got Nk=0")
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
-        raise TypeError(f"num_iters must be an int >= 0, got {type(num_iters).__name__} {num_iters!r}")
-    if num_iters < 0:
-        raise ValueError(f"num_iters must be >= 0, got {num_iters}")
-    if cost not in COSTS:
-        raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise ValueError(f"epsilon must be a finite float > 0, got {epsilon!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    num_iters = check_num_iters(num_iters)
+    cost = check_cost(cost)
+    scale = check_scale(scale)
+    epsilon = check_epsilon(epsilon)
+    backend = check_backend(backend)
+    if scale is None:
+        d = q.shape[-1]
+        # D = 0: every logit is 0 whatever the scale; 1 keeps 1/sqrt(D) from dividing by zero.
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    check_logit_scale(scale, epsilon, q.dtype)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError(
             "sinkhorn_attention is inference-only (no autograd): call it under torch.no_grad() or "
             "torch.inference_mode(), or pass tensors that do not require grad"
         )
+    return num_iters, cost, scale, epsilon, backend
 
 
 def sinkhorn_attention(
@@ -92,10 +101,11 @@ def sinkhorn_attention(
         q: ``[..., Nq, D]`` queries, float16/bfloat16/float32/float64, any strides.
         k: ``[..., Nk, D]`` keys, same leading dims, device and dtype as ``q``; ``Nk >= 1``.
         v: ``[..., Nk, Dv]`` values, same leading dims, device and dtype as ``q``.
-        num_iters: Sinkhorn iterations (each a row update then a column update), ``>= 0``.
+        num_iters: Sinkhorn iterations (each a row update then a column update), in ``[0, 2**31 - 1]``.
         cost: ``"adversarial"`` (C = +similarity, ASAG's degraded attention) or ``"standard"``.
-        scale: logit scale; ``None`` means ``1/sqrt(D)``.
-        epsilon: entropic regularisation dividing the scaled logits, finite and ``> 0``.
+        scale: logit scale; ``None`` means ``1/sqrt(D)`` (1 for D = 0).
+        epsilon: entropic regularisation dividing the scaled logits, finite and ``> 0``;
+            ``scale/epsilon`` must be finite in the compute dtype (float32 unless inputs are float64).
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
             A named backend that cannot run here raises; it never falls back.
         return_potentials: also return the last potentials ``f`` and ``g``.
@@ -105,10 +115,10 @@ def sinkhorn_attention(
         tuple ``(out, f, g)`` with ``f``: ``[..., Nq]`` and ``g``: ``[..., Nk]`` in float32
         (float64 for float64 inputs).
     """
-    _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    out, f, g = sinkhorn_attention_op(q, k, v, num_iters, cost, float(scale), float(epsilon), backend)
+    num_iters, cost, scale, epsilon, backend = _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend)
+    if not isinstance(return_potentials, bool):
+        raise TypeError(f"return_potentials must be a bool, got {type(return_potentials).__name__} {return_potentials!r}")
+    out, f, g = sinkhorn_attention_op(q, k, v, num_iters, cost, scale, epsilon, backend)
     if return_potentials:
         return out, f, g
     return out

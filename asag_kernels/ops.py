@@ -20,7 +20,8 @@ def potential_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     if t.dim() >= 4:
-        return t.reshape((-1,) + t.shape[-3:])
+        # flatten, not reshape(-1, ...): -1 is ambiguous when D or Dv is 0 (no elements).
+        return t.flatten(0, t.dim() - 4)
     return t.reshape((1,) * (4 - t.dim()) + t.shape)
 
 

@@ -67,7 +67,8 @@ def _head_slices(batch: int, heads: int, head_chunk: int):
 def _flat(t: torch.Tensor, idx, acc: torch.dtype) -> torch.Tensor:
     """t[idx] as [h, N, X] in `acc` (a copy bounded by the chunk, or a view)."""
     part = t[idx]
-    return part.reshape((-1,) + part.shape[-2:]).to(acc)
+    # flatten, not reshape(-1, ...): -1 is ambiguous when the last dim is 0 (D = 0 or Dv = 0).
+    return (part.flatten(0, 1) if part.dim() == t.dim() else part).to(acc)
 
 
 class _Chunk:
