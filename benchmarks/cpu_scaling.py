@@ -1,221 +1,156 @@
-"""CPU backend benchmark: speed against SDPA and a materialising float32 Sinkhorn, extra peak memory,
-video-32k, and time against N. Prints markdown tables.
+"""CPU backend benchmark: speed against SDPA and the materialising float32 Sinkhorn, extra peak memory,
+video-32k, and time against N. Prints markdown tables (and ``--json PATH`` writes every row).
 
-    python benchmarks/cpu_scaling.py                 # everything (video-32k takes minutes)
+    python benchmarks/cpu_scaling.py                 # everything (video-32k takes many minutes)
     python benchmarks/cpu_scaling.py --skip-video --scaling-max 16384
 
-Times are medians of --repeats runs after one warm-up, all in this process, on the same fp32 inputs.
-"Extra peak" is the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
-over its RSS before the call, so it counts everything the call allocates, outputs included; for the
-cpu backend it is taken from a first call in a fresh process, so the cache the backend keeps for
-later calls is counted.
+Every row is an ``asag-bench`` row (``asag_kernels.benchmarking``): float32 inputs ``[1, H, N, D]``,
+its own fresh process, a start-up call on tiny inputs, then the first call under the peak-memory
+probe (so the cache the cpu backend keeps for later calls counts, and library start-up does not),
+then ``--repeats`` timed calls interleaved with SDPA's in that process ("vs SDPA" uses that SDPA
+time). Errors (shape table only) are against the float64 oracle on heads {0, H-1}.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import math
-import os
-import platform
-import statistics
-import time
+import json
+import sys
 
 import torch
-import torch.nn.functional as F
 
-from asag_kernels import sinkhorn_attention
+import asag_kernels
+from asag_kernels._env import workspace_bytes
+from asag_kernels._spec import CPU_SHAPES, SHAPES
+from asag_kernels.benchmarking import cli, core
 
-SHAPES = {  # SPEC §7: (H, N, D), B = 1
-    "sd15-64": (8, 4096, 40),
-    "sdxl-mid": (20, 1024, 64),
-    "sdxl-64": (10, 4096, 64),
-    "video-32k": (12, 32760, 128),
-}
+SCALING_TOKENS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def materialising_fp32(q, k, v, num_iters, scale):
-    """The reference algorithm in float32: the whole [B, H, N, N] logit tensor at once (adversarial)."""
-    logits = -scale * (q @ k.transpose(-1, -2))
-    log_a, log_b = -math.log(q.shape[-2]), -math.log(k.shape[-2])
-    g = torch.zeros(logits.shape[:-1], dtype=logits.dtype)
-    for _ in range(num_iters):
-        f = log_a - torch.logsumexp(logits + g.unsqueeze(-2), dim=-1)
-        g = log_b - torch.logsumexp(logits + f.unsqueeze(-1), dim=-2)
-    return torch.softmax(logits + g.unsqueeze(-2), dim=-1) @ v
+def _size(text: str) -> int:
+    return cli._int_in(text, 1, cli.MAX_DIM)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
+def _sizes(text: str) -> list[int]:
+    return [_size(item) for item in cli._items(text, "positive integers")]
 
 
-def extra_peak_mib(fn) -> float:
-    """Peak RSS rise while fn() runs (Linux only; NaN elsewhere)."""
-    if not os.path.exists("/proc/self/clear_refs"):
-        return float("nan")
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
-    before = _rss_kib("VmRSS")
-    result = fn()
-    peak = _rss_kib("VmHWM")
-    del result
-    return (peak - before) / 1024
-
-
-_PEAK_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {bench_dir!r})
-from cpu_scaling import extra_peak_mib, inputs
-from asag_kernels import sinkhorn_attention
-q, k, v = inputs({h}, {n}, {d})
-with torch.inference_mode():
-    # One small call first: library start-up (thread pools, BLAS buffers) is not the call's memory.
-    small = inputs(2, 64, {d})
-    sinkhorn_attention(*small, num_iters={t}, backend="cpu")
-    torch.nn.functional.scaled_dot_product_attention(*small)
-    print(extra_peak_mib(lambda: sinkhorn_attention(q, k, v, num_iters={t}, backend="cpu")))
-"""
-
-
-def cpu_extra_peak_mib(h, n, d, num_iters) -> float:
-    """Extra peak of the first cpu-backend call in a fresh process: it counts the workspace the
-    backend then keeps for later calls, which an in-process measurement after a warm-up would miss."""
-    import subprocess
-    import sys
-
-    script = _PEAK_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), h=h, n=n, d=d, t=num_iters)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    return float(res.stdout.strip().splitlines()[-1])
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def inputs(h, n, d, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, h, n, d, generator=gen) for _ in range(3))
-
-
-def shape_table(names, num_iters, repeats, with_materialising=True):
-    rows = []
-    for name in names:
-        h, n, d = SHAPES[name]
-        q, k, v = inputs(h, n, d)
-        scale = d**-0.5
-        sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-        cpu = lambda: sinkhorn_attention(q, k, v, num_iters=num_iters, backend="cpu")  # noqa: E731
-        t_sdpa = median_time(sdpa, repeats)
-        t_cpu = median_time(cpu, repeats)
-        mem_cpu = cpu_extra_peak_mib(h, n, d, num_iters)
-        mem_sdpa = extra_peak_mib(sdpa)
-        row = {"shape": f"{name} (H={h}, N={n}, D={d})", "sdpa": t_sdpa, "cpu": t_cpu, "mem_cpu": mem_cpu, "mem_sdpa": mem_sdpa}
-        if with_materialising:
-            mat = lambda: materialising_fp32(q, k, v, num_iters, scale)  # noqa: E731
-            row["mat"] = median_time(mat, max(1, repeats // 2))
-            row["mem_mat"] = extra_peak_mib(mat)
-            err = (cpu() - mat()).norm() / mat().norm()
-            row["err"] = err.item()
-        rows.append(row)
-        print(f"  measured {name}", flush=True)
-    print(f"\n### Speed at num_iters={num_iters}, fp32, B=1 (median of {repeats} after a warm-up)\n")
-    print("| shape | SDPA | cpu backend | cpu / SDPA | materialising fp32 | materialising / cpu | extra peak: cpu / SDPA / materialising |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        mat = f"{r['mat'] * 1e3:.0f} ms" if "mat" in r else "—"
-        speedup = f"{r['mat'] / r['cpu']:.1f}×" if "mat" in r else "—"
-        mem_mat = f"{r['mem_mat']:.0f}" if "mem_mat" in r else "—"
-        print(
-            f"| {r['shape']} | {r['sdpa'] * 1e3:.0f} ms | {r['cpu'] * 1e3:.0f} ms | {r['cpu'] / r['sdpa']:.2f}× | {mat} | "
-            f"{speedup} | {r['mem_cpu']:.0f} / {r['mem_sdpa']:.0f} / {mem_mat} MiB |"
-        )
+def run_rows(shapes: list[tuple[str, tuple[int, int, int]]], backends: list[str], *, num_iters: int, repeat: int,
+             oracle: bool) -> list[dict]:
+    cfg = cli.Config(
+        device=torch.device("cpu"), dtype=torch.float32, shapes=shapes, iters=[num_iters], backends=backends,
+        skipped_backends={}, repeat=repeat, warmup=1, mem_budget=core.free_memory_bytes("cpu") // 2, isolate=True,
+        oracle=oracle,
+    )
+    rows = cli.run_benchmark(cfg, progress_enabled=False)
+    failed = [f"{r['shape']} {r['backend']}: {r['error']}" for r in rows if r.get("error")]
+    if failed:
+        raise SystemExit("rows failed:\n" + "\n".join(failed))
     return rows
 
 
-def video_table(num_iters):
-    h, n, d = SHAPES["video-32k"]
-    q, k, v = inputs(h, n, d)
-    t0 = time.perf_counter()
-    F.scaled_dot_product_attention(q, k, v)
-    t_sdpa = time.perf_counter() - t0
-    box = {}
-
-    def cpu():
-        t = time.perf_counter()
-        out = sinkhorn_attention(q, k, v, num_iters=num_iters, backend="cpu")
-        box["t"] = time.perf_counter() - t
-        return out
-
-    mem = extra_peak_mib(cpu)  # the first cpu call of this process: counts the workspace it keeps
-    print(f"\n### video-32k (H={h}, N={n}, D={d}), num_iters={num_iters}, one run each\n")
-    print("| SDPA | cpu backend | cpu / SDPA | extra peak (cpu) | materialising |")
-    print("| --- | --- | --- | --- | --- |")
-    need = h * n * n * 4 / 2**30
-    print(f"| {t_sdpa:.1f} s | {box['t']:.1f} s | {box['t'] / t_sdpa:.2f}× | {mem:.0f} MiB | cannot run: needs ≥ {need:.0f} GiB per logit tensor |")
+def _by_shape(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    table: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        table.setdefault(r["shape"], {})[r["backend"]] = r
+    return table
 
 
-def scaling_table(h, d, num_iters, n_values, repeats):
-    budget = float(os.environ.get("ASAG_CPU_WORKSPACE_MB", "256"))
-    print(f"\n### Time against N (B=1, H={h}, D={d}, num_iters={num_iters}, fp32, workspace {budget:g} MiB)\n")
+def _mib(row: dict | None) -> str:
+    return "—" if row is None or row.get("peak_mem_mib") is None else f"{row['peak_mem_mib']:.0f}"
+
+
+def shape_table(num_iters: int, repeats: int) -> list[dict]:
+    rows = run_rows([(n, SHAPES[n]) for n in CPU_SHAPES], ["sdpa", "naive", "cpu"], num_iters=num_iters,
+                    repeat=repeats, oracle=True)
+    print(f"\n### Speed at num_iters={num_iters}, fp32, B=1 (median of {repeats} after a warm-up)\n")
+    print("| shape | SDPA | cpu backend | cpu / SDPA (same process) | materialising fp32 | materialising / cpu "
+          "| extra peak: cpu / SDPA / materialising | cpu rel err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in _by_shape(rows).items():
+        heads, tokens, dim = SHAPES[name]
+        cpu, sdpa, naive = r["cpu"], r["sdpa"], r.get("naive")
+        timed_naive = naive is not None and naive["median_ms"] is not None
+        mat = f"{naive['median_ms']:.0f} ms" if timed_naive else "— (over the memory budget)"
+        speedup = f"{naive['median_ms'] / cpu['median_ms']:.1f}×" if timed_naive else "—"
+        print(f"| {name} (H={heads}, N={tokens}, D={dim}) | {sdpa['median_ms']:.0f} ms | {cpu['median_ms']:.0f} ms | "
+              f"{cpu['vs_sdpa']:.2f}× | {mat} | {speedup} | {_mib(cpu)} / {_mib(sdpa)} / {_mib(naive)} MiB | "
+              f"{cpu['rel_err']:.1e} |")
+    return rows
+
+
+def scaling_table(heads: int, dim: int, num_iters: int, tokens: list[int], repeats: int) -> list[dict]:
+    budget = workspace_bytes("ASAG_CPU_WORKSPACE_MB", 256)
     # Heads run one per thread when there are enough of them; each concurrent head gets a share of the budget.
-    concurrent = min(h, torch.get_num_threads())
+    concurrent = min(heads, torch.get_num_threads())
+    print(f"\n### Time against N (B=1, H={heads}, D={dim}, num_iters={num_iters}, fp32, "
+          f"workspace {budget / 2**20:g} MiB)\n")
     print("| N | ≈ rows cached | SDPA | cpu backend | cpu / SDPA | cpu ns per (head·N²) | extra peak (cpu) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for n in n_values:
-        q, k, v = inputs(h, n, d)
-        reps = repeats if n <= 8192 else 1
-        t_sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v), reps)
-        cpu = lambda: sinkhorn_attention(q, k, v, num_iters=num_iters, backend="cpu")  # noqa: E731
-        t_cpu = median_time(cpu, reps)
-        mem = cpu_extra_peak_mib(h, n, d, num_iters)
-        cached = min(1.0, budget * 2**20 / (n * n * 4 * concurrent))
-        print(
-            f"| {n} | ~{cached:.0%} | {t_sdpa * 1e3:.0f} ms | {t_cpu * 1e3:.0f} ms | {t_cpu / t_sdpa:.2f}× | "
-            f"{t_cpu / (h * n * n) * 1e9:.2f} | {mem:.0f} MiB |",
-            flush=True,
-        )
+    rows = []
+    for n in tokens:
+        shape = f"{heads}x{n}x{dim}"
+        got = _by_shape(run_rows([(shape, (heads, n, dim))], ["sdpa", "cpu"], num_iters=num_iters,
+                                 repeat=repeats if n <= 8192 else 1, oracle=False))[shape]
+        cpu, sdpa = got["cpu"], got["sdpa"]
+        cached = min(1.0, budget / (n * n * 4 * concurrent))
+        print(f"| {n} | ~{cached:.0%} | {sdpa['median_ms']:.0f} ms | {cpu['median_ms']:.0f} ms | {cpu['vs_sdpa']:.2f}× | "
+              f"{cpu['median_ms'] * 1e6 / (heads * n * n):.2f} | {_mib(cpu)} MiB |", flush=True)
+        rows += [sdpa, cpu]
+    return rows
 
 
-def main():
+def video_table(num_iters: int) -> list[dict]:
+    heads, tokens, dim = SHAPES["video-32k"]
+    rows = run_rows([("video-32k", SHAPES["video-32k"])], ["sdpa", "cpu"], num_iters=num_iters, repeat=1, oracle=False)
+    got = _by_shape(rows)["video-32k"]
+    cpu, sdpa = got["cpu"], got["sdpa"]
+    need = core.materialised_bytes(heads, tokens, tokens, torch.float32) / core.MATERIALISED_TEMPORARIES / 2**30
+    print(f"\n### video-32k (H={heads}, N={tokens}, D={dim}), num_iters={num_iters}, one timed run each\n")
+    print("| SDPA | cpu backend | cpu / SDPA | extra peak (cpu) | materialising |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| {sdpa['median_ms'] / 1e3:.1f} s | {cpu['median_ms'] / 1e3:.1f} s | {cpu['vs_sdpa']:.2f}× | {_mib(cpu)} MiB "
+          f"| cannot run: needs ≥ {need:.0f} GiB per logit tensor |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num-iters", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--num-iters", type=cli._iters_list, default=[2], help="num_iters (one value)")
+    ap.add_argument("--repeats", type=cli._calls, default=5, help="timed calls per row")
     ap.add_argument("--skip-video", action="store_true")
     ap.add_argument("--skip-shapes", action="store_true")
     ap.add_argument("--skip-scaling", action="store_true")
-    ap.add_argument("--scaling-heads", type=int, default=2)
-    ap.add_argument("--scaling-dim", type=int, default=64)
-    ap.add_argument("--scaling-max", type=int, default=32768)
-    args = ap.parse_args()
-
-    torch.manual_seed(0)
+    ap.add_argument("--scaling-heads", type=_size, default=2)
+    ap.add_argument("--scaling-dim", type=_size, default=64)
+    ap.add_argument("--scaling-max", type=_size, default=SCALING_TOKENS[-1], help="largest N of the N sweep")
+    ap.add_argument("--scaling-tokens", type=_sizes, default=None,
+                    help="comma-separated N values of the sweep (default: powers of two 1024..--scaling-max)")
+    ap.add_argument("--json", type=cli._output_path, metavar="PATH", help="write every row and the provenance as JSON")
+    args = ap.parse_args(argv)
+    if len(args.num_iters) != 1:
+        ap.error(f"argument --num-iters: expected one value, got {args.num_iters}")
+    num_iters = args.num_iters[0]
+    if "cpu" not in asag_kernels.available_backends():
+        ap.error(f"the cpu backend is not usable here: {asag_kernels.backend_status()['cpu']}")
     from asag_kernels import _C_cpu
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, row kernels: {_C_cpu.row_kernels_isa()}, "
-        f"ASAG_CPU_WORKSPACE_MB={os.environ.get('ASAG_CPU_WORKSPACE_MB', '256 (default)')}"
-    )
-    with torch.inference_mode():
-        if not args.skip_shapes:
-            shape_table(["sd15-64", "sdxl-mid", "sdxl-64"], args.num_iters, args.repeats)
-        if not args.skip_scaling:
-            ns = [n for n in (1024, 2048, 4096, 8192, 16384, 32768) if n <= args.scaling_max]
-            scaling_table(args.scaling_heads, args.scaling_dim, args.num_iters, ns, args.repeats)
-        if not args.skip_video:
-            video_table(args.num_iters)
+    prov = core.provenance("cpu")
+    print(f"machine: {prov['device']}, torch {prov['torch']}, commit {prov['git_commit']}, {prov['utc']}; "
+          f"row kernels: {_C_cpu.row_kernels_isa()}, cpu workspace {workspace_bytes('ASAG_CPU_WORKSPACE_MB', 256) >> 20} MiB")
+    report = {"provenance": prov, "shapes": [], "scaling": [], "video": []}
+    if not args.skip_shapes:
+        report["shapes"] = shape_table(num_iters, args.repeats)
+    if not args.skip_scaling:
+        tokens = args.scaling_tokens or [n for n in SCALING_TOKENS if n <= args.scaling_max]
+        report["scaling"] = scaling_table(args.scaling_heads, args.scaling_dim, num_iters, tokens, args.repeats)
+    if not args.skip_video:
+        report["video"] = video_table(num_iters)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -318,3 +318,28 @@ def test_bench_module_is_the_cli():
     from asag_kernels import bench
 
     assert bench.main is cli.main
+
+
+@pytest.mark.slow
+def test_cpu_scaling_script_runs_on_the_core(tmp_path, monkeypatch, capsys):
+    """benchmarks/cpu_scaling.py at tiny sizes: its three tables come from asag-bench rows."""
+    if "cpu" not in asag_kernels.available_backends():
+        pytest.skip(f"cpu backend unusable here: {asag_kernels.backend_status()['cpu']}")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import cpu_scaling
+
+    monkeypatch.setattr(cpu_scaling, "CPU_SHAPES", ("tiny-96",))
+    monkeypatch.setattr(cpu_scaling, "SHAPES", {"tiny-96": (3, 96, 16), "video-32k": (2, 80, 8)})
+    out_json = tmp_path / "scaling.json"
+    assert cpu_scaling.main(["--repeats", "1", "--scaling-tokens", "64", "--scaling-dim", "8", "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    assert report["provenance"]["git_commit"] and report["provenance"]["device"].startswith("CPU")
+    assert sorted(r["backend"] for r in report["shapes"]) == ["cpu", "naive", "sdpa"]
+    assert [r["backend"] for r in report["scaling"]] == ["sdpa", "cpu"] and report["scaling"][0]["tokens"] == 64
+    assert [r["backend"] for r in report["video"]] == ["sdpa", "cpu"]
+    for row in report["shapes"] + report["scaling"] + report["video"]:
+        assert row["median_ms"] > 0 and row["peak_mem_mib"] is not None and not row.get("error"), row
+    cpu_row = next(r for r in report["shapes"] if r["backend"] == "cpu")
+    assert cpu_row["rel_err"] <= out_tolerance(torch.float32)
+    out = capsys.readouterr().out
+    assert "### Speed at num_iters=2" in out and "| tiny-96 (H=3, N=96, D=16) |" in out and "| 64 | ~100% |" in out
