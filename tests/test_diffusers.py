@@ -14,9 +14,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest.importorskip("diffusers", reason="asag_kernels.diffusers needs diffusers (pip install 'asag-kernels[diffusers]')")
-pytest.importorskip("transformers", reason="diffusers' pipelines need transformers (pip install 'asag-kernels[diffusers]')")
-
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     ControlNetModel,
@@ -33,6 +30,7 @@ from diffusers import (  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0  # noqa: E402
 
 import asag_kernels  # noqa: E402
+from asag_kernels.diffusers.families import IMAGE_FIRST  # noqa: E402
 from asag_kernels.diffusers import (  # noqa: E402
     AdversarialSinkhornGuidance,
     ASAGCFGJointAttnProcessor,
@@ -42,6 +40,7 @@ from asag_kernels.diffusers import (  # noqa: E402
     disable_asag,
     enable_asag,
 )
+from test_joint import reference_joint  # noqa: E402
 
 CROSS_DIM = 16
 POOLED_DIM = 16
@@ -119,7 +118,7 @@ def test_self_attn_processor_4d_with_group_norm_residual_and_rescale():
 
 @torch.no_grad()
 def test_self_attn_processor_passes_strided_views_without_copies(monkeypatch):
-    import asag_kernels.diffusers as asag_diffusers
+    import asag_kernels.diffusers.intercept as asag_diffusers
 
     seen = []
 
@@ -158,9 +157,14 @@ def test_self_attn_processor_attention_mask():
     torch.testing.assert_close(out[:2], attn(x[:2], attention_mask=mask[:2]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out[2:], _sinkhorn_reference(attn, x[2:], 2, 1.0), rtol=1e-5, atol=1e-5)
 
-    mask[2, :, 5] = -10000.0  # a mask on the Sinkhorn chunk cannot be honoured
+    # a key-padding mask on the Sinkhorn chunk: the dropped key gets zero mass in the plan
+    mask[2, :, 5] = -10000.0
     attn.set_processor(ASAGCFGSelfAttnProcessor())
-    with pytest.raises(NotImplementedError, match="no attention mask"):
+    out = attn(x, attention_mask=mask)
+    torch.testing.assert_close(out[2:, :5], _sinkhorn_reference(attn, x[2:, :5], 2, 1.0), rtol=1e-5, atol=1e-5)
+    # an attention bias (not a key-padding mask) cannot be honoured: a clear error
+    mask[2, :, 5] = -1.5
+    with pytest.raises(NotImplementedError, match="attention bias"):
         attn(x, attention_mask=mask)
 
 
@@ -300,7 +304,7 @@ def test_pag_pipeline_with_asag(name, guidance_scale):
         name for name, m in pipe.unet.named_modules()
         if isinstance(m, Attention) and not m.is_cross_attention and name.startswith("mid_block")
     ]
-    expected = ("ASAGCFGSelfAttnProcessor", 3) if guidance_scale > 1 else ("ASAGSelfAttnProcessor", 2)
+    expected = ("ASAGCFGProcessor", 3) if guidance_scale > 1 else ("ASAGProcessor", 2)
     assert mid_self_attn and calls == [expected] * (2 * len(mid_self_attn))
     assert _processor_state(pipe.unet) == before, "the pipeline's attention processors were not restored"
 
@@ -309,7 +313,11 @@ def test_pag_pipeline_with_asag(name, guidance_scale):
 def test_enable_asag_layers_and_disable():
     pipe, inputs = _sd_pipe()
     enable_asag(pipe, layers=["down_blocks.1", "mid"], num_iters=1, epsilon=0.5)
-    assert pipe.pag_applied_layers == ["down_blocks.1", "mid"]
+    # the pipeline gets the exact names of the modules the layer ids matched
+    assert pipe.pag_applied_layers == [
+        r"^down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1$",
+        r"^mid_block\.attentions\.0\.transformer_blocks\.0\.attn1$",
+    ]
     cfg_proc, proc = pipe._pag_attn_processors
     assert isinstance(cfg_proc, ASAGCFGSelfAttnProcessor) and isinstance(proc, ASAGSelfAttnProcessor)
     assert (proc.num_iters, proc.epsilon) == (1, 0.5)
@@ -317,6 +325,7 @@ def test_enable_asag_layers_and_disable():
 
     disable_asag(pipe)
     assert type(pipe._pag_attn_processors[0]).__name__ == "PAGCFGIdentitySelfAttnProcessor2_0"
+    assert pipe.pag_applied_layers == ["mid"]  # what the pipeline had before enable_asag
 
     with pytest.raises(ValueError, match="matches no self-attention module"):
         enable_asag(pipe, layers="up_blocks.7")
@@ -336,9 +345,10 @@ def _tiny_sd3_transformer() -> SD3Transformer2DModel:
     )
 
 
+@pytest.mark.parametrize("joint_mode", ["image", "joint"])
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no_cfg"])
 @torch.no_grad()
-def test_joint_processor_matches_sdpa_and_sinkhorn(cfg):
+def test_joint_processor_matches_sdpa_and_sinkhorn(cfg, joint_mode):
     transformer = _tiny_sd3_transformer().eval()
     attn = transformer.transformer_blocks[0].attn
     chunks = 3 if cfg else 2
@@ -348,13 +358,14 @@ def test_joint_processor_matches_sdpa_and_sinkhorn(cfg):
 
     attn.set_processor(JointAttnProcessor2_0())
     plain_img, plain_txt = attn(image, text)
-    attn.set_processor(ASAGCFGJointAttnProcessor() if cfg else ASAGJointAttnProcessor())
+    cls = ASAGCFGJointAttnProcessor if cfg else ASAGJointAttnProcessor
+    attn.set_processor(cls(joint_mode=joint_mode, token_order=IMAGE_FIRST))
     img, txt = attn(image, text)
     n_plain = chunks - 1
-    torch.testing.assert_close(img[:n_plain], plain_img[:n_plain], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(txt[:n_plain], plain_txt[:n_plain], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(img[:n_plain], plain_img[:n_plain], rtol=0, atol=0)
+    torch.testing.assert_close(txt[:n_plain], plain_txt[:n_plain], rtol=0, atol=0)
 
-    # the perturbed chunk: Sinkhorn over the joint image+text sequence, then both output projections
+    # the perturbed chunk: SPEC §10 on the joint [image, text] sequence (float64), then both output projections
     x, c = image[n_plain:], text[n_plain:]
 
     def heads(t):
@@ -366,11 +377,19 @@ def test_joint_processor_matches_sdpa_and_sinkhorn(cfg):
     q = torch.cat([normed(attn.norm_q, heads(attn.to_q(x))), normed(attn.norm_added_q, heads(attn.add_q_proj(c)))], 2)
     k = torch.cat([normed(attn.norm_k, heads(attn.to_k(x))), normed(attn.norm_added_k, heads(attn.add_k_proj(c)))], 2)
     v = torch.cat([heads(attn.to_v(x)), heads(attn.add_v_proj(c))], dim=2)
-    o = asag_kernels.sinkhorn_attention(q.double(), k.double(), v.double(), scale=attn.scale, backend="reference")
+    o = reference_joint(q, k, v, 0, 12, joint_mode, scale=attn.scale)
     o = o.permute(0, 2, 1, 3).reshape(1, 17, -1).float()
     torch.testing.assert_close(img[n_plain:], attn.to_out[0](o[:, :12]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(txt[n_plain:], attn.to_add_out(o[:, 12:]), rtol=1e-5, atol=1e-5)
     assert (img[n_plain:] - plain_img[n_plain:]).abs().max() > 1e-3
+    if joint_mode == "image":  # text queries keep ordinary attention
+        torch.testing.assert_close(txt[n_plain:], attn.to_add_out(_softmax_joint(q, k, v, attn.scale)[:, 12:]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _softmax_joint(q, k, v, scale):
+    o = torch.softmax(scale * q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
+    return o.permute(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1).float()
 
 
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no_cfg"])
@@ -476,7 +495,7 @@ def test_guider_config_round_trip():
     assert copy.layers == ["mid", "down_blocks.1"] and copy.asag_scale == 2.5 and copy.settings.num_iters == 3
     defaults = AdversarialSinkhornGuidance()
     assert (defaults.asag_scale, defaults.settings.num_iters, defaults.settings.epsilon, defaults.layers) == (
-        1.5, 2, 1.0, ["mid"]
+        1.5, 2, 1.0, None  # None: the model family's default (the UNet mid block for SD/SDXL)
     )
     with pytest.raises(ValueError, match="epsilon"):
         AdversarialSinkhornGuidance(epsilon=-1.0)
@@ -541,7 +560,7 @@ def test_guider_on_joint_attention_matches_the_joint_processor():
         guider.cleanup_models(transformer)
     assert list(preds) == ["pred_cond", "pred_cond_asag"]
 
-    transformer.transformer_blocks[1].attn.set_processor(ASAGJointAttnProcessor())
+    transformer.transformer_blocks[1].attn.set_processor(ASAGJointAttnProcessor(token_order=IMAGE_FIRST))
     both = transformer(
         hidden_states=latents.repeat(2, 1, 1, 1), encoder_hidden_states=cond.repeat(2, 1, 1),
         pooled_projections=pooled.repeat(2, 1), timestep=t.repeat(2), return_dict=False,

@@ -1,0 +1,68 @@
+"""ASAG inside diffusers pipelines.
+
+ASAG guides a diffusion model away from a deliberately degraded prediction: the conditional pass
+recomputed with Sinkhorn attention under the adversarial cost in a few self-attention layers (SPEC §1)::
+
+    pred = pred_uncond + w_cfg * (pred_cond - pred_uncond) + s_asag * (pred_cond - pred_cond_asag)
+
+Two ways in, sharing one mechanism (:mod:`.intercept`: diffusers' own attention processor runs and
+only its ``scaled_dot_product_attention`` call on the perturbed samples becomes Sinkhorn attention):
+
+* PAG pipelines: :func:`enable_asag` installs the ASAG processor pair (:mod:`.processors`).
+* Modular pipelines: :class:`AdversarialSinkhornGuidance` is the guider (:mod:`.guider`).
+
+Layers are chosen as diffusers' guiders choose them (:mod:`.layers`, :func:`list_attention_layers`);
+per-family defaults and token orders live in :mod:`.families`; joint text+image attention follows
+``joint_mode`` (SPEC §10). Install with ``pip install "asag-kernels[diffusers]"``.
+"""
+
+from __future__ import annotations
+
+try:
+    import diffusers.guiders  # noqa: F401
+    import diffusers.hooks  # noqa: F401
+    from diffusers.pipelines.pag.pag_utils import PAGMixin  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test without diffusers
+    raise ImportError(
+        "asag_kernels.diffusers needs diffusers (>= 0.35, with guiders and hooks) and transformers: "
+        'install them with  pip install "asag-kernels[diffusers]"  '
+        f"(import failed with: {exc})"
+    ) from exc
+
+from ..joint import JOINT_MODES
+from .guider import AdversarialSinkhornGuidance
+from .intercept import SinkhornSettings
+from .layers import list_attention_layers, select_attention_layers
+from .processors import (
+    DEFAULT_ASAG_SCALE,
+    ASAGCFGJointAttnProcessor,
+    ASAGCFGProcessor,
+    ASAGCFGSelfAttnProcessor,
+    ASAGJointAttnProcessor,
+    ASAGProcessor,
+    ASAGSelfAttnProcessor,
+    disable_asag,
+    enable_asag,
+)
+
+DEFAULT_NUM_ITERS = 2
+DEFAULT_EPSILON = 1.0
+
+__all__ = [
+    "AdversarialSinkhornGuidance",
+    "enable_asag",
+    "disable_asag",
+    "list_attention_layers",
+    "select_attention_layers",
+    "ASAGCFGProcessor",
+    "ASAGProcessor",
+    "ASAGCFGSelfAttnProcessor",
+    "ASAGSelfAttnProcessor",
+    "ASAGCFGJointAttnProcessor",
+    "ASAGJointAttnProcessor",
+    "SinkhornSettings",
+    "JOINT_MODES",
+    "DEFAULT_ASAG_SCALE",
+    "DEFAULT_NUM_ITERS",
+    "DEFAULT_EPSILON",
+]

@@ -1,0 +1,276 @@
+"""The SDPA interception: diffusers' own attention code runs, and only its
+``F.scaled_dot_product_attention`` call on the perturbed samples becomes Sinkhorn attention.
+
+Both routes into a pipeline use it: the guider's hooks (the whole batch is perturbed) and the PAG
+processor pairs (only the last chunk of the batch is). Because the stock processor runs unchanged,
+rotary embeddings, q/k norms, added (text) projections and output projections are whatever
+diffusers does for that model; this module only decides what the attention call returns:
+
+* no text tokens in the call (UNet self-attention, Wan/LTX ``attn1``): ``sinkhorn_attention``;
+* joint text + image sequences (SD3/SD3.5, Flux double and single stream, Qwen-Image,
+  HunyuanVideo): :func:`asag_kernels.joint.joint_sinkhorn_attention` with the image-token range
+  from the model's token order and ``joint_mode`` (SPEC §10);
+* a key-padding mask passed by the model: excluded keys (zero mass); any other mask is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .._validate import check_backend, check_epsilon, check_num_iters
+from ..api import sinkhorn_attention
+from ..joint import check_joint_mode, joint_sinkhorn_attention
+from .families import IMAGE_FIRST, TEXT_FIRST
+
+__all__ = ["SinkhornSettings", "SinkhornSDPAMode", "SinkhornAttentionHook", "TextLengthHook", "install", "uninstall"]
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# An additive mask value at or below this is a dropped key: exp() of it is 0 in float32.
+_DROPPED = -1.0e4
+
+
+@dataclass(frozen=True)
+class SinkhornSettings:
+    """What the perturbed attention computes (validated once, shared by hooks and processors)."""
+
+    num_iters: int = 2
+    epsilon: float = 1.0
+    backend: str = "auto"
+    joint_mode: str = "image"
+
+    def __post_init__(self):
+        object.__setattr__(self, "num_iters", check_num_iters(self.num_iters))
+        object.__setattr__(self, "epsilon", check_epsilon(self.epsilon))
+        object.__setattr__(self, "backend", check_backend(self.backend))
+        object.__setattr__(self, "joint_mode", check_joint_mode(self.joint_mode))
+
+
+@dataclass
+class CallLayout:
+    """What one attention-module call looks like to the SDPA inside it: ``text_tokens`` text tokens
+    in the joint sequence (0: plain self-attention), in ``token_order`` (``TEXT_FIRST``/``IMAGE_FIRST``
+    from the model family; None: unknown)."""
+
+    module_name: str
+    text_tokens: int = 0
+    token_order: str | None = None
+
+
+def _bind(args, kwargs) -> dict:
+    bound = dict(zip(_SDPA_ARGS, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _keep_mask(mask: torch.Tensor, module_name: str) -> torch.Tensor:
+    """True where a key may be attended: bool masks as they are, additive masks 0 (keep) / very negative."""
+    if mask.dtype == torch.bool:
+        return mask
+    keep = mask == 0
+    if not bool((keep | (mask <= _DROPPED)).all()):
+        raise NotImplementedError(
+            f"ASAG cannot replace the attention in {module_name!r}: its additive attention mask holds values other "
+            f"than 0 and large negatives (an attention bias), which Sinkhorn attention has no counterpart for"
+        )
+    return keep
+
+
+def key_padding(mask: torch.Tensor | None, batch: int, n: int, module_name: str):
+    """(key_padding_mask [B, N] or None, padded-query rows [B, N] or None) from an SDPA mask.
+
+    Accepted: a key-padding mask (the same for every head and query: ``[B, 1, 1, N]`` as Qwen-Image
+    passes) or its query-and-key form ``m_i & m_j`` (HunyuanVideo 1.5). Anything else raises.
+    """
+    if mask is None:
+        return None, None
+    keep = _keep_mask(mask, module_name)
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    keep = keep.expand(batch, keep.shape[1], keep.shape[2], n)
+    if not bool((keep == keep[:, :1]).all()):
+        raise NotImplementedError(f"ASAG cannot replace the attention in {module_name!r}: its mask differs between heads")
+    keep = keep[:, 0]
+    kpm = keep.any(dim=1)  # a key is real if some query may see it
+    if bool((keep == kpm[:, None, :]).all()):
+        return (None if bool(kpm.all()) else kpm), None
+    if keep.shape[1] == n and bool((keep == (kpm[:, :, None] & kpm[:, None, :])).all()):
+        return kpm, ~kpm
+    raise NotImplementedError(
+        f"ASAG cannot replace the attention in {module_name!r}: its attention mask is not a key-padding mask "
+        f"(only masks that drop whole keys, optionally with the same queries, are supported)"
+    )
+
+
+def perturbed_attention(func, args, kwargs, settings: SinkhornSettings, layout: CallLayout, start: int):
+    """What the SDPA call ``func(*args, **kwargs)`` returns with samples ``start:`` perturbed, or
+    ``None`` when it is not a self-attention call (query and key lengths differ: e.g. IP-Adapter tokens)."""
+    bound = _bind(args, kwargs)
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    name = layout.module_name
+    if query.shape[-2] != key.shape[-2]:
+        return None
+    if bound.get("is_causal", False):
+        raise NotImplementedError(f"ASAG cannot replace the attention in {name!r}: it is causal")
+    if query.dim() != 4 or key.shape[:-2] != query.shape[:-2]:
+        raise NotImplementedError(
+            f"ASAG cannot replace the attention in {name!r}: query and key have different head/batch dims "
+            f"{tuple(query.shape[:-2])} vs {tuple(key.shape[:-2])} (grouped-query attention)"
+        )
+    b, _, n, _ = query.shape
+    mask = bound.get("attn_mask")
+    per_sample_mask = mask is not None and mask.dim() == 4 and mask.shape[0] == b
+    plain = None
+    if start > 0:
+        rest = {k: v for k, v in bound.items() if k not in ("query", "key", "value", "attn_mask")}
+        plain = func(query[:start], key[:start], value[:start], attn_mask=mask[:start] if per_sample_mask else mask, **rest)
+        query, key, value = query[start:], key[start:], value[start:]
+        if per_sample_mask:
+            mask = mask[start:]
+    kpm, padded_queries = key_padding(mask, query.shape[0], n, name)
+
+    text = layout.text_tokens
+    if text and settings.joint_mode == "image" and layout.token_order not in (TEXT_FIRST, IMAGE_FIRST):
+        raise ValueError(
+            f"joint_mode='image' needs the token order (text first or image first) of the joint attention in "
+            f"{name!r}, which is not known for this model; pass joint_mode='joint' (Sinkhorn over the whole sequence)"
+        )
+    if not 0 <= text < n:
+        raise NotImplementedError(f"ASAG: {name!r} got {text} text tokens in a joint sequence of {n} tokens")
+    kw = dict(num_iters=settings.num_iters, cost="adversarial", scale=bound.get("scale"), epsilon=settings.epsilon,
+              backend=settings.backend)
+    if text == 0 and kpm is None:
+        out = sinkhorn_attention(query, key, value, **kw)
+    else:
+        image_start, image_stop = (text, n) if layout.token_order == TEXT_FIRST else (0, n - text)
+        out = joint_sinkhorn_attention(query, key, value, image_start=image_start, image_stop=image_stop,
+                                       joint_mode=settings.joint_mode, key_padding_mask=kpm, **kw)
+        if padded_queries is not None and bool(padded_queries.any()):
+            # Padded query rows: whatever the model's own masked attention gives them.
+            stock = func(query, key, value, attn_mask=mask, scale=bound.get("scale"))
+            out = torch.where(padded_queries[:, None, :, None], stock.to(out.dtype), out)
+    out = out.to(value.dtype)
+    return out if plain is None else torch.cat([plain, out.to(plain.dtype)])
+
+
+class SinkhornSDPAMode(torch.overrides.TorchFunctionMode):
+    """Inside it, ``F.scaled_dot_product_attention`` self-attention calls run on samples ``start:``
+    as ASAG's perturbed attention (samples before ``start`` keep ordinary attention)."""
+
+    def __init__(self, settings: SinkhornSettings, layout: CallLayout, start: int = 0):
+        super().__init__()
+        self.settings, self.layout, self.start = settings, layout, start
+        self.replaced_calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out = perturbed_attention(func, args, kwargs, self.settings, self.layout, self.start)
+            if out is not None:
+                self.replaced_calls += 1
+                return out
+        return func(*args, **kwargs)
+
+
+class TextLengthHook(ModelHook):
+    """On a single-stream block (Flux ``single_transformer_blocks``): records how many text tokens the
+    block puts in front of the image tokens before it calls its attention on the joint sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self._local = threading.local()
+
+    @property
+    def current(self) -> int | None:
+        return getattr(self._local, "text", None)
+
+    def initialize_hook(self, module):
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        try:
+            bound = self._signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        encoder = bound.get("encoder_hidden_states")
+        text = encoder.shape[1] if isinstance(encoder, torch.Tensor) else bound.get("text_seq_len")
+        self._local.text = int(text) if text is not None else None
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._local.text = None
+
+
+def call_layout(module_name: str, args, kwargs, token_order, text_length: TextLengthHook | None) -> CallLayout:
+    """The layout of one attention-module call from its arguments: a self-attention module handed
+    ``encoder_hidden_states`` is joint (double-stream: the text rows join the sequence); a
+    single-stream block's attention gets the joint sequence and its text length from the block."""
+    encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    text = 0
+    if isinstance(encoder, torch.Tensor) and encoder.dim() >= 2:
+        text = encoder.shape[1]
+    elif text_length is not None and text_length.current is not None:
+        text = text_length.current
+    return CallLayout(module_name, text, token_order)
+
+
+class SinkhornAttentionHook(ModelHook):
+    """On a chosen attention module: runs its forward under :class:`SinkhornSDPAMode` (all samples perturbed)."""
+
+    def __init__(self, module_name: str, settings: SinkhornSettings, token_order: str | None,
+                 text_length: TextLengthHook | None = None):
+        super().__init__()
+        self.module_name, self.settings, self.token_order, self.text_length = module_name, settings, token_order, text_length
+        self.forward_calls = 0
+        self.replaced_calls = 0
+
+    def new_forward(self, module, *args, **kwargs):
+        self.forward_calls += 1
+        mode = SinkhornSDPAMode(self.settings, call_layout(self.module_name, args, kwargs, self.token_order, self.text_length))
+        try:
+            with mode:
+                return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.replaced_calls += mode.replaced_calls
+
+
+def install(modules: dict, settings: SinkhornSettings, name: str, token_order: str | None, blocks: dict) -> list:
+    """Register a :class:`SinkhornAttentionHook` called ``name`` on each of ``modules`` (name -> module);
+    ``blocks`` maps a module name to its single-stream block, which gets a :class:`TextLengthHook`.
+    Returns ``[(module, hook), ...]`` for :func:`uninstall`; on any error nothing stays installed."""
+    installed, text_hooks = [], {}
+
+    def register(module, hook):
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        if registry.get_hook(name) is not None:  # left by a run that was interrupted
+            registry.remove_hook(name, recurse=False)
+        registry.register_hook(hook, name)
+        installed.append((module, hook))
+        return hook
+
+    try:
+        for module_name, module in modules.items():
+            block = blocks.get(module_name)
+            text_length = None
+            if block is not None:
+                text_length = text_hooks.get(id(block)) or register(block, TextLengthHook())
+                text_hooks[id(block)] = text_length
+            register(module, SinkhornAttentionHook(module_name, settings, token_order, text_length))
+    except BaseException:
+        uninstall(installed, name)
+        raise
+    return installed
+
+
+def uninstall(installed: list, name: str) -> None:
+    """Remove the hooks :func:`install` registered (a missing one is skipped; never raises for it)."""
+    for module, _ in installed:
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(name) is not None:
+            registry.remove_hook(name, recurse=False)
