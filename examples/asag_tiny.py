@@ -6,8 +6,8 @@ plus the call inputs. Prompts go in as random embeddings (and masks), the way di
 tests skip the text encoders, so nothing is downloaded and nothing needs a tokenizer. The pipeline
 returns latents (``output="latents"``): decoding is not what ASAG changes.
 
-Flux.1 is the exception: its modular denoise loop takes no guider (guidance-distilled model), so its
-setup holds the plain Flux pipeline and :mod:`asag_kernels.diffusers.flux` adds ASAG around it.
+Flux.1's modular denoise loop takes no guider (guidance-distilled model): its setup uses the loop
+denoiser of :mod:`asag_kernels.diffusers.flux`, which does.
 
 Used by ``examples/asag_modular.py --smoke-test`` and ``tests/test_diffusers_families.py``.
 """
@@ -127,7 +127,11 @@ def _flux() -> TinySetup:
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
     ).eval()
-    pipe = _denoise_pipeline(FluxAutoBlocks, dict(transformer=transformer, scheduler=_flow_scheduler()))
+    from asag_kernels.diffusers.flux import with_guided_denoiser
+
+    # Flux.1's own loop takes no guider: the guided loop denoiser of asag_kernels.diffusers.flux stands in
+    pipe = _denoise_pipeline(lambda: with_guided_denoiser(FluxAutoBlocks()),
+                             dict(transformer=transformer, scheduler=_flow_scheduler()))
     cond, _ = _embeds(16, 1)
     inputs = dict(prompt_embeds=cond, pooled_prompt_embeds=torch.randn(1, 16, generator=_g(2)),
                   height=32, width=32, num_inference_steps=STEPS, guidance_scale=3.5)
@@ -234,8 +238,17 @@ def build(model: str) -> TinySetup:
     if model not in _BUILDERS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
     setup = _BUILDERS[model]()
-    setup.pipe.set_progress_bar_config(disable=True) if hasattr(setup.pipe, "set_progress_bar_config") else None
+    _quiet(setup.pipe._blocks)
     return setup
+
+
+def _quiet(block) -> None:
+    """No progress bars: the denoise loop sits a few levels down, where the pipeline's own
+    ``set_progress_bar_config`` (top-level blocks only) does not reach."""
+    if hasattr(block, "set_progress_bar_config"):
+        block.set_progress_bar_config(disable=True)
+    for sub in (getattr(block, "sub_blocks", None) or {}).values():
+        _quiet(sub)
 
 
 def run(setup: TinySetup, guider=None, seed: int = 0) -> torch.Tensor:
