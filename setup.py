@@ -1,81 +1,101 @@
-"""Builds the optional native extensions of asag_kernels.
+"""Builds the optional native extensions of asag_kernels from the one build spec
+(``asag_kernels/build_spec.py``: sources, include dirs, C++20, flags, gencode, CUDA_HOME).
 
-- ``asag_kernels._C_cpu`` from ``csrc/cpu/*.cpp`` (C++17, OpenMP), always when the sources exist.
-- ``asag_kernels._C_cuda`` from ``csrc/cuda/*`` only when torch has CUDA and ``ASAG_SKIP_CUDA_BUILD``
-  is unset; architectures from ``ASAG_CUDA_ARCHS`` (default "80;90"), parallelism from ``MAX_JOBS``.
+- ``asag_kernels._C_cpu`` from ``csrc/cpu/*.cpp`` (OpenMP), always when the sources exist.
+- ``asag_kernels._C_cuda`` from ``csrc/cuda/*`` only when torch has CUDA, a CUDA toolkit is found and
+  ``ASAG_SKIP_CUDA_BUILD`` is unset; architectures from ``ASAG_CUDA_ARCHS`` (default "80;90"),
+  parallelism from ``MAX_JOBS``.
+- The CUDA sources also ship as package data (``asag_kernels/csrc``), so an installed package
+  whose wheel has no ``_C_cuda`` can still build it just in time on a GPU machine.
 
-A failed optional build is reported and skipped: the package still installs, and
+A failed optional build is reported and dropped from the build: the package still installs (also
+``pip install -e .``, whose copy step would otherwise look for the missing library), and
 ``asag_kernels.backend_status()`` says the backend is not built.
 """
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-INCLUDE = [os.path.join(ROOT, "csrc", "include")]
 
 
-def _rel(paths):
-    return sorted(os.path.relpath(p, ROOT) for p in paths)
+def _load_build_spec():
+    # By path: importing the package would import torch (and needs the package built).
+    spec = importlib.util.spec_from_file_location("_asag_build_spec", os.path.join(ROOT, "asag_kernels", "build_spec.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+build_spec = _load_build_spec()
+CSRC = build_spec.csrc_dir()
+
+
+def _log(message: str) -> None:
+    print(f"asag_kernels: {message}", file=sys.stderr)
 
 
 def _extensions():
+    if CSRC is None:
+        _log("no csrc/ sources found; building no native extension")
+        return [], {}
+    # torch.utils.cpp_extension fixes its CUDA_HOME at import; give it the checked toolkit first
+    # (its own guess from an nvcc in /usr/local/bin is /usr/local, which has no CUDA headers).
+    cuda_home = build_spec.find_cuda_home()
+    if cuda_home is not None and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        os.environ["CUDA_HOME"] = cuda_home
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("asag_kernels: torch is not importable at build time; building no native extension", file=sys.stderr)
+        _log("torch is not importable at build time; building no native extension")
         return [], {}
 
     exts = []
-    cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    if cpu_sources:
-        openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-        exts.append(
-            CppExtension(
-                "asag_kernels._C_cpu",
-                cpu_sources,
-                include_dirs=INCLUDE,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17", *openmp]},
-                extra_link_args=openmp,
-            )
-        )
+    cpu = build_spec.cpu_extension(CSRC)
+    if cpu.sources:
+        exts.append(CppExtension(**cpu.setuptools_kwargs(ROOT)))
 
-    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
-    want_cuda = cuda_sources and torch.version.cuda is not None and not os.environ.get("ASAG_SKIP_CUDA_BUILD")
-    if want_cuda:
-        # Kernel translation units (*.cu) are PyTorch-free; the binding (*.cpp) includes torch/extension.h.
-        archs = [a.strip() for a in os.environ.get("ASAG_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
-        gencode = []
-        for arch in archs:
-            code = arch.replace(".", "").replace("sm_", "")  # "90a" stays "90a" (arch-specific features)
-            gencode += ["-gencode", f"arch=compute_{code},code=sm_{code}"]
-        if archs:  # portable PTX of the newest arch too ("90a" PTX would run on sm_90a only), for later GPUs
-            newest = max(int(a.replace(".", "").replace("sm_", "").rstrip("a")) for a in archs)
-            gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
-        exts.append(
-            CUDAExtension(
-                "asag_kernels._C_cuda",
-                cuda_sources,
-                include_dirs=INCLUDE,
-                extra_compile_args={
-                    "cxx": ["-O3", "-std=c++20"],
-                    "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", *gencode],
-                },
-            )
-        )
+    skip_cuda = build_spec._env.env_flag("ASAG_SKIP_CUDA_BUILD", False)
+    if torch.version.cuda is None or skip_cuda:
+        _log("CUDA extension not built: " + ("ASAG_SKIP_CUDA_BUILD is set" if skip_cuda else "torch is a CPU build"))
+    elif cuda_home is None:
+        _log("CUDA extension not built: no CUDA toolkit found (bin/nvcc and include/cuda_runtime.h; set CUDA_HOME)")
+    else:
+        cuda = build_spec.cuda_extension(CSRC, build_spec.cuda_archs_from_env())
+        exts.append(CUDAExtension(**cuda.setuptools_kwargs(ROOT)))
+
+    forced = build_spec.forced_failures()
 
     class OptionalBuildExtension(BuildExtension):
+        """Builds what it can: an extension that fails is reported and removed from the command's
+        list, so the later steps (the in-place copy of an editable install, the wheel's file list)
+        never look for its library."""
+
+        def build_extensions(self):
+            self.failed = []
+            try:
+                super().build_extensions()
+            except Exception as exc:  # set-up before any extension (e.g. no working compiler)
+                _log(f"native build failed before compiling, skipping every extension: {type(exc).__name__}: {exc}")
+                self.failed = list(self.extensions)
+            self.extensions = [ext for ext in self.extensions if ext not in self.failed]
+
         def build_extension(self, ext):
             try:
+                short = ext.name.rsplit("_", 1)[-1]  # asag_kernels._C_cpu -> cpu
+                if short in forced:
+                    raise RuntimeError(f"forced by ASAG_FORCE_BUILD_FAILURE={os.environ['ASAG_FORCE_BUILD_FAILURE']}")
                 super().build_extension(ext)
             except Exception as exc:  # optional: the package stays importable without it
-                print(f"asag_kernels: building {ext.name} failed, skipping it: {exc}", file=sys.stderr)
+                _log(f"building {ext.name} failed, skipping it: {type(exc).__name__}: {exc}")
+                self.failed.append(ext)
 
     return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
@@ -85,7 +105,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    packages=["asag_kernels", "asag_kernels.backends", "asag_kernels.triton_kernels"],
-    package_dir={"asag_kernels.triton_kernels": "triton"},
-    package_data={"asag_kernels.triton_kernels": ["*.py"]},
+    packages=["asag_kernels", "asag_kernels.backends", "asag_kernels.triton_kernels", "asag_kernels.csrc"],
+    package_dir={"asag_kernels.triton_kernels": "triton", "asag_kernels.csrc": "csrc"},
+    package_data={"asag_kernels.triton_kernels": ["*.py"], "asag_kernels.csrc": list(build_spec.SHIPPED_SOURCES)},
 )

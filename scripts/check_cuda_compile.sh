@@ -1,48 +1,72 @@
 #!/usr/bin/env bash
-# Compile-checks the CUDA backend without a GPU:
-#   1. every kernel translation unit (csrc/**/*.cu, PyTorch-free) with `nvcc -c` for sm_80 and sm_90a,
-#      with ptxas -v: fails on any compile error or any register spill (non-zero spill stores/loads);
+# Compile-checks the CUDA backend without a GPU, with the flags of the one build spec
+# (asag_kernels/build_spec.py, which setup.py and the just-in-time build use too):
+#   1. every kernel translation unit (csrc/cuda/*.cu, PyTorch-free) with `nvcc -c` for each arch
+#      (default: the spec's check archs, sm_80 and sm_90a), with ptxas -v: fails on any compile error
+#      or any register spill (non-zero spill stores/loads);
 #   2. the PyTorch binding (csrc/cuda/*.cpp) once, with the host compiler against torch's headers,
 #      as setup.py's CUDAExtension would compile it.
 # Prints "SKIPPED: nvcc not found" and exits 0 where nvcc is absent.
-# Usage: scripts/check_cuda_compile.sh            (env: ASAG_CHECK_ARCHS="80 90a", JOBS=<parallel nvcc jobs>)
+# Usage: scripts/check_cuda_compile.sh [--print-flags]
+#   --print-flags: print the nvcc flags per arch and the binding's flags, compile nothing
+#   env: ASAG_CHECK_ARCHS="80 90a", JOBS=<parallel nvcc jobs>, PYTHON=<python with torch, for the binding>
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-
-if ! command -v nvcc >/dev/null 2>&1; then
+if [[ "${1:-}" != "--print-flags" ]] && ! command -v nvcc >/dev/null 2>&1; then
   echo "SKIPPED: nvcc not found (CUDA kernels not compile-checked)"
   exit 0
 fi
+SPEC=(python3 "$ROOT/asag_kernels/build_spec.py")  # PyTorch-free: runs with any python3
 
-ARCHS="${ASAG_CHECK_ARCHS:-80 90a}"
+ARCHS="${ASAG_CHECK_ARCHS:-$("${SPEC[@]}" check-archs | tr '\n' ' ')}"
+mapfile -t INCLUDE_DIRS < <("${SPEC[@]}" include-dirs)
+mapfile -t CXX_FLAGS < <("${SPEC[@]}" cxx-flags)
+INCLUDE_ARGS=()
+for inc in "${INCLUDE_DIRS[@]}"; do INCLUDE_ARGS+=(-I "$inc"); done
+
+# nvcc flags for one arch: the spec's, plus those torch's CUDAExtension adds itself (we call nvcc
+# directly), plus the include dirs.
+nvcc_flags_for() {  # <arch> -> one flag per line
+  "${SPEC[@]}" nvcc-flags --torch-implicit --archs "$1"
+  printf '%s\n' "${INCLUDE_ARGS[@]}"
+}
+
+if [[ "${1:-}" == "--print-flags" ]]; then
+  for arch in $ARCHS; do
+    echo "nvcc flags sm_${arch}: $(nvcc_flags_for "$arch" | tr '\n' ' ')"
+  done
+  echo "binding flags: ${CXX_FLAGS[*]} ${INCLUDE_ARGS[*]}"
+  exit 0
+fi
+
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-# The flags setup.py and torch's CUDAExtension pass to nvcc (torch adds the -D and relaxed-constexpr ones).
-NVCC_FLAGS=(-std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr
-  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
-  -D__CUDA_NO_HALF2_OPERATORS__ -I "$ROOT/csrc/include" -Xptxas -v)
-
-mapfile -t KERNEL_SOURCES < <(find csrc -name '*.cu' | sort)
+mapfile -t KERNEL_SOURCES < <("${SPEC[@]}" kernel-sources)
 echo "nvcc: $(nvcc --version | tail -1)"
 echo "kernel sources: ${KERNEL_SOURCES[*]:-none}; archs: $ARCHS; jobs: $JOBS"
+for arch in $ARCHS; do
+  nvcc_flags_for "$arch" >"$WORK/flags.$arch"
+  echo "nvcc flags sm_${arch}: $(tr '\n' ' ' <"$WORK/flags.$arch")"
+done
 
 compile_one() {  # <arch> <source>
   local arch="$1" src="$2"
-  local tag="${src//\//_}.sm_${arch}"
-  local -a gencode=(-gencode "arch=compute_${arch},code=sm_${arch}")
-  if nvcc "${NVCC_FLAGS[@]}" "${gencode[@]}" -c "$src" -o "$WORK/$tag.o" >"$WORK/$tag.log" 2>&1; then
+  local rel="${src#"$ROOT"/}"
+  local tag="${rel//\//_}.sm_${arch}"
+  local -a flags
+  mapfile -t flags <"$WORK/flags.$arch"
+  if nvcc "${flags[@]}" -Xptxas -v -c "$src" -o "$WORK/$tag.o" >"$WORK/$tag.log" 2>&1; then
     echo "ok $tag"
   else
     echo "FAILED $tag"
   fi
 }
 export -f compile_one
-export WORK
-export NVCC_FLAGS_STR="${NVCC_FLAGS[*]}"
+export WORK ROOT
 
 start=$SECONDS
 status=0
@@ -51,7 +75,7 @@ for arch in $ARCHS; do
   for src in "${KERNEL_SOURCES[@]}"; do
     printf '%s %s\n' "$arch" "$src"
   done
-done | xargs -P "$JOBS" -L 1 bash -c 'NVCC_FLAGS=($NVCC_FLAGS_STR); compile_one "$0" "$1"' >"$results"
+done | xargs -P "$JOBS" -L 1 bash -c 'compile_one "$0" "$1"' >"$results"
 
 while read -r verdict tag; do
   log="$WORK/$tag.log"
@@ -79,17 +103,17 @@ echo "kernels: $((SECONDS - start)) s"
 # generated c10/cuda/impl/cuda_cmake_macros.h (it only defines C10_CUDA_BUILD_SHARED_LIBS for
 # Windows DLL exports), so skip that one include. -fsyntax-only: every template is still instantiated.
 start=$SECONDS
-BINDING_SOURCES=$(find csrc/cuda -name '*.cpp' | sort)
+BINDING_SOURCES=$("${SPEC[@]}" binding-sources)
 if [[ -n "$BINDING_SOURCES" ]]; then
   PY=${PYTHON:-python}
   mapfile -t TORCH_INCLUDES < <("$PY" -c "import torch.utils.cpp_extension as c; print('\n'.join(c.include_paths()))")
   PY_INCLUDE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-  CUDA_HOME_DIR=$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '/usr/local/cuda')")
+  CUDA_HOME_DIR=$("${SPEC[@]}" cuda-home || echo /usr/local/cuda)  # the toolkit setup.py hands to torch
   CUDA_INCLUDE="$CUDA_HOME_DIR/include"
   CXX_BIN=${CXX:-c++}
   for src in $BINDING_SOURCES; do
-    args=(-std=c++20 -fsyntax-only -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTORCH_EXTENSION_NAME=_C_cuda
-      -DTORCH_API_INCLUDE_EXTENSION_H -Wno-c++20-extensions -I "$ROOT/csrc/include" -I "$PY_INCLUDE" -I "$CUDA_INCLUDE")
+    args=("${CXX_FLAGS[@]}" -fsyntax-only -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTORCH_EXTENSION_NAME=_C_cuda
+      -DTORCH_API_INCLUDE_EXTENSION_H "${INCLUDE_ARGS[@]}" -I "$PY_INCLUDE" -I "$CUDA_INCLUDE")
     for inc in "${TORCH_INCLUDES[@]}"; do args+=(-isystem "$inc"); done
     if "$CXX_BIN" "${args[@]}" "$src" >"$WORK/binding.log" 2>&1; then
       echo "ok   $src (host compiler against torch headers)"

@@ -71,25 +71,67 @@ def test_jit_disabled_by_env(pretend_gpu_without_extension):
     assert cuda_backend._jit.thread is None
 
 
-def test_jit_needs_nvcc(pretend_gpu_without_extension):
-    pretend_gpu_without_extension.setattr(cuda_backend, "_nvcc_path", lambda: None)
+def test_jit_needs_cuda_toolkit(pretend_gpu_without_extension):
+    pretend_gpu_without_extension.setattr(cuda_backend, "_cuda_home", lambda: None)
     why = cuda_backend.status()
-    assert why.startswith("not built") and "nvcc was not found" in why, why
+    assert why.startswith("not built") and "no CUDA toolkit was found" in why and "CUDA_HOME" in why, why
     assert cuda_backend._jit.thread is None
 
 
 def test_jit_needs_ninja(pretend_gpu_without_extension):
-    pretend_gpu_without_extension.setattr(cuda_backend, "_nvcc_path", lambda: "/usr/bin/nvcc")
+    pretend_gpu_without_extension.setattr(cuda_backend, "_cuda_home", lambda: "/usr/local/cuda")
     pretend_gpu_without_extension.setattr(cuda_backend, "_ninja_available", lambda: False)
     assert "ninja is missing" in cuda_backend.status()
     assert cuda_backend._jit.thread is None
 
 
-def test_jit_needs_sources(pretend_gpu_without_extension, tmp_path):
-    pretend_gpu_without_extension.setattr(cuda_backend, "_nvcc_path", lambda: "/usr/bin/nvcc")
+@pytest.mark.parametrize("csrc", ["missing", "empty"])
+def test_jit_needs_sources(pretend_gpu_without_extension, tmp_path, csrc):
+    pretend_gpu_without_extension.setattr(cuda_backend, "_cuda_home", lambda: "/usr/local/cuda")
     pretend_gpu_without_extension.setattr(cuda_backend, "_ninja_available", lambda: True)
-    pretend_gpu_without_extension.setattr(cuda_backend, "_CSRC", str(tmp_path))
-    assert "CUDA sources" in cuda_backend.status()
+    pretend_gpu_without_extension.setattr(cuda_backend, "_csrc", lambda: None if csrc == "missing" else tmp_path)
+    why = cuda_backend.status()
+    assert why.startswith("not built") and "CUDA sources are not available" in why, why
+    assert cuda_backend._jit.thread is None
+
+
+def test_jit_finds_sources_here():
+    """This checkout (or the installed package) has what a just-in-time build compiles."""
+    csrc = cuda_backend._csrc()
+    assert csrc is not None
+    from asag_kernels import build_spec
+
+    assert any(s.endswith(".cu") for s in build_spec.kernel_sources(csrc))
+    assert build_spec.binding_sources(csrc)
+
+
+def test_jit_build_uses_the_build_spec(pretend_gpu_without_extension):
+    """The just-in-time build hands torch's load() exactly the spec's sources, includes and flags,
+    for this GPU's architecture, and gives torch the checked toolkit when its own guess is unusable."""
+    from torch.utils import cpp_extension
+
+    from asag_kernels import build_spec
+
+    calls = []
+    built = object()
+
+    def fake_load(**kwargs):
+        calls.append(kwargs)
+        return built
+
+    pretend_gpu_without_extension.setattr(cuda_backend, "_cuda_home", lambda: "/opt/checked-cuda")
+    pretend_gpu_without_extension.setattr(cuda_backend, "_ninja_available", lambda: True)
+    pretend_gpu_without_extension.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
+    pretend_gpu_without_extension.setattr(cpp_extension, "load", fake_load)
+    pretend_gpu_without_extension.setattr(cpp_extension, "CUDA_HOME", "/usr/local")  # torch's unchecked guess
+    pretend_gpu_without_extension.setenv("ASAG_CUDA_JIT", "wait")
+    assert cuda_backend.status() == "ok", cuda_backend._jit.error
+    (kwargs,) = calls
+    spec = build_spec.cuda_extension(build_spec.csrc_dir(), ["86"], name=build_spec.JIT_EXTENSION)
+    assert kwargs == {"name": build_spec.JIT_EXTENSION, "verbose": False, **spec.jit_kwargs()}
+    assert "-std=c++20" in kwargs["extra_cflags"] and "-std=c++20" in kwargs["extra_cuda_cflags"]
+    assert "arch=compute_86,code=sm_86" in kwargs["extra_cuda_cflags"]
+    assert cpp_extension.CUDA_HOME == "/opt/checked-cuda"
 
 
 @pytest.mark.parametrize("outcome", ["fails", "succeeds"])
@@ -104,7 +146,7 @@ def test_jit_build_reports_building_then_result(pretend_gpu_without_extension, o
         else:
             self.ext = built
 
-    pretend_gpu_without_extension.setattr(cuda_backend, "_nvcc_path", lambda: "/usr/bin/nvcc")
+    pretend_gpu_without_extension.setattr(cuda_backend, "_cuda_home", lambda: "/usr/local/cuda")
     pretend_gpu_without_extension.setattr(cuda_backend, "_ninja_available", lambda: True)
     pretend_gpu_without_extension.setattr(cuda_backend._JitBuild, "_build", fake_build)
     first = cuda_backend.status()

@@ -1,11 +1,14 @@
 """The CUDA C++ backend (``csrc/cuda/``, kernels in ``csrc/include/asag/sinkhorn_kernels.cuh``).
 
 Uses the prebuilt ``asag_kernels._C_cuda`` (built by setup.py when torch has CUDA). Without it, on a
-machine with a CUDA torch, a GPU and nvcc, the first ``status()`` call starts a just-in-time build
-with ``torch.utils.cpp_extension.load`` (ninja, cached by torch in its extensions directory) on a
-background thread; until it finishes ``status()`` says "building…", afterwards "ok" or why the
+machine with a CUDA torch, a GPU and a CUDA toolkit, the first ``status()`` call starts a
+just-in-time build with ``torch.utils.cpp_extension.load`` (ninja, cached by torch in its extensions
+directory) on a background thread, for this GPU's architecture, from the sources and flags of the
+one build spec (``asag_kernels.build_spec``; an installed wheel ships the sources in
+``asag_kernels/csrc``). Until it finishes ``status()`` says "building…", afterwards "ok" or why the
 build failed. ``wait_for_build()`` blocks until then. Env ``ASAG_CUDA_JIT``: ``"background"``
-(default), ``"wait"`` (build synchronously inside ``status()``) or ``"off"`` (never build).
+(default), ``"wait"`` (build synchronously inside ``status()``) or ``"off"`` (never build);
+``ASAG_CUDA_JIT_VERBOSE=1`` shows the compiler output.
 
 float32 inputs run on TF32 tensor cores only when torch allows TF32 for matmuls
 (``torch.backends.cuda.matmul.fp32_precision == "tf32"`` or the legacy ``allow_tf32``), else on
@@ -14,14 +17,14 @@ exact float32 FMAs.
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import threading
 import time
 
 import torch
 
+from .. import build_spec
+from .._env import env_choice, env_flag
 from . import tf32_allowed
 
 try:
@@ -35,7 +38,6 @@ except ImportError as exc:  # not built: CPU torch at install time, or a failed 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP32_WIDE_HEAD_SMEM_BYTES = 133_248  # AttentionConfig<kFloat32|kTf32, 256, 256, 32> in sinkhorn_kernels.cuh
 MAX_HEAD_DIM = 256  # read by the registry: larger head dims go to another backend under "auto"
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
 
 class _JitBuild:
@@ -52,16 +54,17 @@ class _JitBuild:
         from torch.utils import cpp_extension
 
         try:
-            sources = sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(_CSRC, "cuda", "*.cpp")))
-            ext = cpp_extension.load(
-                name="asag_kernels_C_cuda_jit",
-                sources=sources,
-                extra_include_paths=[os.path.join(_CSRC, "include")],
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3", "--use_fast_math"],
-                verbose=bool(os.environ.get("ASAG_CUDA_JIT_VERBOSE")),
+            cuda_home = _cuda_home()
+            # torch fixed its CUDA_HOME when cpp_extension was first imported, by a guess it does not
+            # check (an nvcc in /usr/local/bin gives /usr/local, which has no CUDA headers); hand it the
+            # toolkit found and checked by the build spec when its own is unusable.
+            if cpp_extension.CUDA_HOME is None or build_spec.cuda_home_problem(cpp_extension.CUDA_HOME) is not None:
+                cpp_extension.CUDA_HOME = cuda_home
+            major, minor = torch.cuda.get_device_capability()
+            spec = build_spec.cuda_extension(_csrc(), [f"{major}{minor}"], name=build_spec.JIT_EXTENSION)
+            self.ext = cpp_extension.load(
+                name=spec.name, verbose=env_flag("ASAG_CUDA_JIT_VERBOSE", False), **spec.jit_kwargs()
             )
-            self.ext = ext
         except Exception as exc:  # reported through status(), never swallowed
             self.error = f"{type(exc).__name__}: {exc}"
 
@@ -89,12 +92,14 @@ class _JitBuild:
 _jit = _JitBuild()
 
 
-def _nvcc_path() -> str | None:
-    from torch.utils.cpp_extension import CUDA_HOME
+def _cuda_home() -> str | None:
+    """The CUDA toolkit a just-in-time build uses (bin/nvcc and cuda_runtime.h checked), or None."""
+    return build_spec.find_cuda_home()
 
-    if CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return os.path.join(CUDA_HOME, "bin", "nvcc")
-    return shutil.which("nvcc")
+
+def _csrc():
+    """The C++/CUDA sources: package data of an installed wheel, or the checkout's csrc/; or None."""
+    return build_spec.csrc_dir()
 
 
 def _ninja_available() -> bool:
@@ -125,17 +130,25 @@ def status() -> str:
         return reason
     if _prebuilt is not None:
         return "ok"
-    mode = os.environ.get("ASAG_CUDA_JIT", "background")
+    mode = env_choice("ASAG_CUDA_JIT", ("background", "wait", "off"), "background")
     not_built = f"not built: asag_kernels._C_cuda is missing ({_PREBUILT_ERROR})"
     if _jit.thread is None:
         if mode == "off":
             return f"{not_built}; just-in-time build disabled by ASAG_CUDA_JIT=off"
-        if _nvcc_path() is None:
-            return f"{not_built}, and nvcc was not found for a just-in-time build (set CUDA_HOME or put nvcc on PATH)"
+        if _cuda_home() is None:
+            return (
+                f"{not_built}, and no CUDA toolkit was found for a just-in-time build (a folder with bin/nvcc and "
+                "include/cuda_runtime.h: set CUDA_HOME, or put the toolkit's nvcc on PATH)"
+            )
         if not _ninja_available():
             return f"{not_built}, and ninja is missing for a just-in-time build (pip install ninja)"
-        if not glob.glob(os.path.join(_CSRC, "cuda", "*.cu")):
-            return f"{not_built}, and the CUDA sources ({_CSRC}/cuda) are not available for a just-in-time build"
+        csrc = _csrc()
+        if csrc is None or not build_spec.kernel_sources(csrc):
+            return (
+                f"{not_built}, and the CUDA sources are not available for a just-in-time build (neither "
+                f"{os.path.dirname(build_spec.__file__)}/csrc nor a checkout's csrc/ holds {build_spec.MARKER} "
+                "and cuda/*.cu; reinstall asag-kernels from a wheel or sdist that ships them)"
+            )
         _jit.start(wait=mode == "wait")
     return _jit.status()
 
