@@ -59,14 +59,20 @@ pkg_stamp=$( { python -c "import torch; print(torch.__version__)"; echo "${ASAG_
   printf '%s\n' "${pkg_files[@]}"; cat "${pkg_files[@]}"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || [ "${ASAG_REINSTALL:-0}" = 1 ] \
    || ! (cd / && python -c "import asag_kernels._C_cpu") 2>/dev/null; then
-  stage="$(mktemp -d "${TMPDIR:-/tmp}/asag-latest-build.XXXXXX")"
-  trap 'rm -rf "$stage"' EXIT
-  tar -cf - "${pkg_files[@]}" | tar -xf - -C "$stage"
+  # A persistent staging copy: files whose content did not change keep their time stamps, so the
+  # extension's ninja build in $stage/build recompiles only what changed (a Python-only change
+  # reinstalls without compiling).
+  stage="$LATEST_VENV/.asag-build-src"
+  mkdir -p "$stage"
+  for f in "${pkg_files[@]}"; do
+    if ! cmp -s "$f" "$stage/$f"; then mkdir -p "$stage/$(dirname "$f")" && cp "$f" "$stage/$f"; fi
+  done
+  (cd "$stage" && find setup.py pyproject.toml MANIFEST.in LICENSE README.md asag_kernels csrc triton -type f \
+     ! -path '*/__pycache__/*' 2>/dev/null | LC_ALL=C sort) | LC_ALL=C comm -23 - <(printf '%s\n' "${pkg_files[@]}") \
+    | while read -r gone; do rm -f "$stage/$gone"; done
   # No build isolation: build against the torch installed above (an isolated build would fetch another).
   (cd "$stage" && ASAG_SKIP_CUDA_BUILD="${ASAG_SKIP_CUDA_BUILD-1}" MAX_JOBS="${MAX_JOBS:-2}" \
      python -m pip install -q --no-build-isolation --no-deps --force-reinstall .)
-  rm -rf "$stage"
-  trap - EXIT
   echo "$pkg_stamp" > "$LATEST_VENV/.asag_build_stamp"
 fi
 (cd / && python -c "import torch, asag_kernels as a; print('.venv-latest: torch', torch.__version__, '| asag_kernels', a.__version__, 'from', a.__file__, a.backend_status())")

@@ -1,0 +1,155 @@
+"""The ASAG DiT node on tiny ComfyUI Flux, SD3 (MMDiT) and Wan models with random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy.ldm.flux.math
+import comfy.ldm.modules.diffusionmodules.mmdit
+import comfy.ldm.wan.model
+from tiny_models import heads_first, joint64, rel_err, sample, softmax64, tiny_flux, tiny_sd3, tiny_unet, tiny_wan
+
+TOL = 1e-4
+TEXT_TOKENS = 6  # tiny_models.conditioning's context length
+# Where each family's blocks call ComfyUI's optimized_attention, and its block lists.
+FAMILIES = {
+    "flux": (tiny_flux, comfy.ldm.flux.math, {"double_block": "double_blocks", "single_block": "single_blocks"}),
+    "sd3": (tiny_sd3, comfy.ldm.modules.diffusionmodules.mmdit, {"double_block": "joint_blocks"}),
+    "wan": (tiny_wan, comfy.ldm.wan.model, {"double_block": "blocks"}),
+}
+
+
+class DiTAttnRecorder:
+    """Every optimized_attention call of the model (inputs and output, after any override), with
+    the block it came from (set by forward pre-hooks on the block modules)."""
+
+    def __init__(self, monkeypatch, kind, model):
+        _, module, lists = FAMILIES[kind]
+        self.calls, self.current, self.handles, self.entries = [], None, [], 0
+        dm = model.get_model_object("diffusion_model")
+        for block_kind, attr in lists.items():
+            for i, blk in enumerate(getattr(dm, attr)):
+                self.handles.append(blk.register_forward_pre_hook(lambda m, a, key=(block_kind, i): self._enter(key)))
+                self.handles.append(blk.register_forward_hook(lambda m, a, o: self._enter(None)))
+        inner = module.optimized_attention
+
+        def recording(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            self.calls.append(dict(block=self.current, entry=self.entries, args=args, kwargs=kwargs, out=out.detach().clone()))
+            return out
+
+        monkeypatch.setattr(module, "optimized_attention", recording)
+
+    def _enter(self, key):
+        self.current = key
+        self.entries += 1
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def classify(self, n_text, joint_mode):
+        """[(block, position in block, "plain" | "asag")]"""
+        out, position, last_entry = [], 0, None
+        for c in self.calls:
+            q, k, v = c["args"][:3]
+            heads = c["args"][3] if len(c["args"]) > 3 else c["kwargs"]["heads"]
+            if c["kwargs"].get("skip_reshape"):
+                got = c["out"] if c["kwargs"].get("skip_output_reshape") else heads_first(c["out"], heads)
+            else:
+                q, k, v = (heads_first(t, heads) for t in (q, k, v))
+                got = heads_first(c["out"], heads)
+            plain = softmax64(q, k, v)
+            e_plain = rel_err(got, plain)
+            e_asag = float("inf")
+            if q.shape[2] == k.shape[2]:
+                e_asag = rel_err(got, joint64(q, k, v, n_text(c["block"], q.shape[2]), joint_mode))
+            assert min(e_plain, e_asag) < TOL, f"{c['block']}: neither softmax ({e_plain:.2e}) nor ASAG ({e_asag:.2e})"
+            assert max(e_plain, e_asag) > 1e-2, f"{c['block']}: softmax and ASAG too close to tell apart"
+            position = position + 1 if c["entry"] == last_entry else 0
+            last_entry = c["entry"]
+            out.append((c["block"], position, "plain" if e_plain < e_asag else "asag"))
+        return out
+
+
+@pytest.fixture
+def dit_recorder(monkeypatch):
+    made = []
+
+    def make(kind, model):
+        made.append(DiTAttnRecorder(monkeypatch, kind, model))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def _text_tokens(kind):
+    def n_text(block, n):
+        return 0 if kind == "wan" else TEXT_TOKENS
+
+    return n_text
+
+
+CASES = [
+    ("flux", dict(double_layers="1", single_layers="0"), "image", {("double_block", 1), ("single_block", 0)}),
+    ("flux", dict(double_layers="0", single_layers="1"), "joint", {("double_block", 0), ("single_block", 1)}),
+    ("sd3", dict(double_layers="1", single_layers=""), "image", {("double_block", 1)}),
+    ("sd3", dict(double_layers="0-1", single_layers=""), "joint", {("double_block", 0), ("double_block", 1)}),
+    ("wan", dict(double_layers="0", single_layers=""), "image", {("double_block", 0)}),
+]
+
+
+@pytest.mark.parametrize("kind, layers, joint_mode, chosen", CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
+def test_dit_blocks_get_joint_sinkhorn_attention(asag_nodes, dit_recorder, kind, layers, joint_mode, chosen):
+    """In each chosen block the guidance pass's self-attention (the block's first attention call)
+    equals ASAG's joint attention on its q, k, v (text tokens first in ComfyUI's Flux and SD3,
+    none in Wan); every other call (other blocks, the cond/uncond passes, Wan's cross-attention)
+    is ordinary attention."""
+    steps = 2
+    model = FAMILIES[kind][0]()
+    (patched,) = asag_nodes[2]().patch(model, joint_mode=joint_mode, **layers)
+    rec = dit_recorder(kind, patched)
+    sample(patched, kind, steps=steps)
+    calls = rec.classify(_text_tokens(kind), joint_mode)
+    asag = [(block, pos) for block, pos, k in calls if k == "asag"]
+    assert {b for b, _ in asag} == chosen
+    for block in chosen:
+        assert [p for b, p in asag if b == block] == [0] * steps
+    if kind == "wan":  # the cross-attention of a perturbed block ran unchanged
+        assert any(b in chosen and p == 1 and k == "plain" for b, p, k in calls)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3", "wan"])
+def test_dit_result_differs_from_no_guidance_and_model_untouched(asag_nodes, kind):
+    model = FAMILIES[kind][0]()
+    plain = sample(model, kind, steps=2)
+    post_cfg = list(model.model_options.get("sampler_post_cfg_function", []))
+    (patched,) = asag_nodes[2]().patch(model, double_layers="0", single_layers="")
+    guided = sample(patched, kind, steps=2)
+    assert torch.isfinite(guided).all()
+    assert rel_err(guided, plain) > 1e-3
+    assert model.model_options.get("sampler_post_cfg_function", []) == post_cfg
+    assert torch.equal(sample(model, kind, steps=2), plain)
+
+
+@pytest.mark.parametrize(
+    "kind, inputs, exc, pattern",
+    [
+        ("flux", dict(double_layers="2"), ValueError, r"double_layers: block 2 does not exist; .* 0-1"),
+        ("flux", dict(double_layers="0", single_layers="0,x"), ValueError, r"single_layers: cannot parse 'x'"),
+        ("sd3", dict(double_layers="0", single_layers="0"), ValueError, r"single_layers: block 0 does not exist; .*none"),
+        ("wan", dict(double_layers="", single_layers=""), ValueError, r"both empty"),
+        ("wan", dict(double_layers="0", joint_mode="text"), ValueError, r"joint_mode must be one of"),
+        ("flux", dict(double_layers="1-0"), ValueError, r"decreasing block range"),
+        ("unet", dict(double_layers="0"), ValueError, r"supports SD3/SD3.5 \(MMDiT\), Flux and Wan"),
+    ],
+)
+def test_dit_bad_inputs(asag_nodes, kind, inputs, exc, pattern):
+    model = tiny_unet() if kind == "unet" else FAMILIES[kind][0]()
+    n_post = len(model.model_options.get("sampler_post_cfg_function", []))
+    with pytest.raises(exc, match=pattern):
+        asag_nodes[2]().patch(model, **inputs)
+    assert len(model.model_options.get("sampler_post_cfg_function", [])) == n_post

@@ -1,0 +1,71 @@
+"""The example workflow passes ComfyUI's own prompt validation with the node pack registered, and
+the tests run against the installed asag_kernels (the package a ComfyUI user pip-installs)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NODE_PACK = REPO / "comfyui_asag"
+
+WORKFLOW = REPO / "examples" / "comfyui_asag_sdxl_api.json"
+
+
+def _validate(prompt):
+    import execution
+
+    return asyncio.run(execution.validate_prompt("asag-test", prompt, None))
+
+
+def test_example_workflow_passes_comfyui_validation(comfy_nodes):
+    prompt = json.loads(WORKFLOW.read_text())
+    assert prompt["10"]["class_type"] == "AdversarialSinkhornAttentionGuidance"
+    assert prompt["3"]["inputs"]["model"] == ["10", 0] and prompt["10"]["inputs"]["model"] == ["4", 0]
+    valid, error, outputs, node_errors = _validate(prompt)
+    assert valid, (error, node_errors)
+    assert outputs == ["9"]
+
+
+@pytest.mark.parametrize("field, value", [("rescale_mode", "cfg"), ("backend", "fastest"), ("sinkhorn_iters", -1)])
+def test_validation_enforces_the_node_inputs(comfy_nodes, field, value):
+    prompt = json.loads(WORKFLOW.read_text())
+    bad = copy.deepcopy(prompt)
+    bad["10"]["inputs"][field] = value
+    valid, error, outputs, node_errors = _validate(bad)
+    assert not valid and "10" in node_errors
+
+
+def test_node_pack_metadata_parses_with_comfyui_config_parser():
+    from comfy_config import config_parser
+
+    config = config_parser.extract_node_configuration(str(NODE_PACK))
+    assert config is not None
+    assert config.tool_comfy.publisher_id and config.tool_comfy.display_name
+    assert config.project.name == "comfyui-asag" and "asag-kernels" in config.project.dependencies
+    assert (NODE_PACK / "requirements.txt").read_text().split() == ["asag-kernels"]
+
+
+def test_asag_kernels_is_the_installed_package():
+    import asag_kernels
+
+    path = Path(asag_kernels.__file__).resolve()
+    assert path.is_relative_to(Path(sys.prefix).resolve()), f"{path} is not inside this venv {sys.prefix}"
+    assert not path.is_relative_to(REPO / "asag_kernels"), "the checkout shadows the installed package"
+    expected = os.environ.get("ASAG_COMFYUI_VENV")
+    if expected:  # set by scripts/test_comfyui.sh
+        assert Path(sys.prefix).resolve() == Path(expected).resolve()
+    import asag_kernels._C_cpu  # noqa: F401  (the installed build carries its extension)
+
+
+def test_core_package_does_not_import_comfyui():
+    import subprocess
+
+    code = "import sys, asag_kernels, asag_kernels.joint; bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'nodes', 'comfyui_asag', 'folder_paths')]; print(bad); assert not bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
