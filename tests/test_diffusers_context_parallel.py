@@ -1,0 +1,140 @@
+"""ASAG under diffusers' context parallelism (gloo, 2 CPU ranks, a tiny random Flux transformer).
+
+diffusers 0.42 computes ``rank % torch.accelerator.device_count()`` when it sets context
+parallelism up, and that count is 0 on a CPU build; each rank reports one device here (the measured
+condition under which CP runs on CPU with gloo). Ulysses hands the attention call whole sequences,
+so the guider's perturbed prediction must equal the single-process one; ring and joint_mode="image"
+under Ulysses must raise, never guide with a wrong branch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from diffusers import ContextParallelConfig, FluxTransformer2DModel
+from diffusers.models._modeling_parallel import ParallelConfig
+
+from asag_kernels.diffusers import AdversarialSinkhornGuidance
+from asag_kernels.diffusers.context_parallel import check_context_parallel
+from test_distributed import _rendezvous
+
+TEXT, IMAGE = 6, 12
+
+
+def _flux():
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    ).eval()
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, IMAGE, 4, generator=g)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(3.0), torch.arange(4.0), indexing="ij"), -1)
+    img_ids = img_ids.reshape(IMAGE, 3)
+    txt_ids = torch.zeros(TEXT, 3)
+    data = {
+        "encoder_hidden_states": (torch.randn(1, TEXT, 16, generator=g), torch.randn(1, TEXT, 16, generator=g)),
+        "pooled_projections": (torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)),
+    }
+
+    def forward(batch):
+        return model(hidden_states=latents, encoder_hidden_states=batch.encoder_hidden_states,
+                     pooled_projections=batch.pooled_projections, timestep=torch.tensor([0.5]), img_ids=img_ids,
+                     txt_ids=txt_ids, return_dict=False)[0]
+
+    return model, data, forward
+
+
+def _step(guider, model, data, forward):
+    """One denoising step as diffusers' modular loop drives a guider: {prediction name: output}."""
+    guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(500))
+    preds = {}
+    for batch in guider.prepare_inputs(data):
+        guider.prepare_models(model)
+        batch.noise_pred = forward(batch)
+        guider.cleanup_models(model)
+        preds[batch.__guidance_identifier__] = batch.noise_pred
+    return preds
+
+
+def _guider(joint_mode):
+    # Both blocks: the double-stream (joint) one and the single-stream one.
+    return AdversarialSinkhornGuidance(guidance_scale=1.0, layers=[r"^transformer_blocks\.0\.attn$", r"single_transformer_blocks\.0\.attn$"], num_iters=3, epsilon=0.7,
+                                       joint_mode=joint_mode, backend="torch")
+
+
+def _worker(rank, world, init_method):
+    torch.accelerator.device_count = lambda: 1  # see the module docstring
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        with torch.no_grad():
+            model, data, forward = _flux()
+            single = _step(_guider("joint"), model, data, forward)
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+            assert check_context_parallel(model, joint_mode="joint") == "ulysses"
+            sharded = _step(_guider("joint"), model, data, forward)
+            for name in ("pred_cond", "pred_cond_asag"):
+                err = (sharded[name] - single[name]).abs().max().item()
+                assert err <= 1e-5, f"rank {rank}: {name} differs from the single process by {err:.3e}"
+            gap = (single["pred_cond_asag"] - single["pred_cond"]).abs().max().item()
+            assert gap > 1e-3, f"the perturbed branch must differ from the conditional one, got {gap:.3e}"
+            # joint_mode="image" would pick the wrong tokens from the interleaved sequence: refused,
+            # and the model is left without hooks (it still gives pred_cond).
+            with pytest.raises(ValueError, match="joint_mode='image' cannot run .* Ulysses"):
+                _step(_guider("image"), model, data, forward)
+            again = _step(AdversarialSinkhornGuidance(guidance_scale=1.0, asag_scale=0.0), model, data, forward)
+            assert torch.equal(again["pred_cond"], sharded["pred_cond"])
+    except Exception:
+        raise AssertionError(f"rank {rank}: {traceback.format_exc()}") from None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_context_parallel_matches_single_process():
+    mp.spawn(_worker, args=(2, _rendezvous()), nprocs=2, join=True)
+
+
+def _with_config(model, **cp):
+    """A model as diffusers leaves it after enable_parallelism (the config it records), without a
+    process group: what check_context_parallel reads."""
+    model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(**cp))
+    return model
+
+
+def test_check_context_parallel_without_parallelism():
+    model, _, _ = _flux()
+    assert check_context_parallel(model) is None
+
+
+@pytest.mark.parametrize("cp", [dict(ring_degree=2), dict(ring_degree=2, ulysses_degree=2)], ids=["ring", "unified"])
+def test_ring_context_parallel_is_refused(cp):
+    model = _with_config(_flux()[0], **cp)
+    with pytest.raises(ValueError, match="ring context parallelism.*silently wrong.*ulysses_degree"):
+        check_context_parallel(model, joint_mode="joint")
+
+
+def test_guider_refuses_ring_and_leaves_the_model_unchanged():
+    model, data, forward = _flux()
+    with torch.no_grad():
+        before = _step(AdversarialSinkhornGuidance(guidance_scale=1.0, asag_scale=0.0), model, data, forward)
+        _with_config(model, ring_degree=2)
+        with pytest.raises(ValueError, match="ring context parallelism"):
+            _step(_guider("joint"), model, data, forward)
+        model._parallel_config = None
+        after = _step(AdversarialSinkhornGuidance(guidance_scale=1.0, asag_scale=0.0), model, data, forward)
+    assert torch.equal(before["pred_cond"], after["pred_cond"])
+
+
+def test_ulysses_needs_the_native_backend():
+    model = _with_config(_flux()[0], ulysses_degree=2)
+    for module in model.modules():
+        if hasattr(getattr(module, "processor", None), "_attention_backend"):
+            module.processor._attention_backend = "flash"
+    with pytest.raises(ValueError, match=r"needs the 'native' attention backend.*\['flash'\]"):
+        check_context_parallel(model, joint_mode="joint")
