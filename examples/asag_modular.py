@@ -167,7 +167,7 @@ def generate(args) -> int:
     if args.model == "flux":
         from asag_kernels.diffusers.flux import with_guided_denoiser
 
-        with_guided_denoiser(blocks)
+        blocks = with_guided_denoiser(blocks)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     pipe = blocks.init_pipeline(repo)
     pipe.load_components(torch_dtype=dtype)

@@ -21,7 +21,7 @@ Usage::
     from asag_kernels.diffusers import AdversarialSinkhornGuidance
     from asag_kernels.diffusers.flux import with_guided_denoiser
 
-    blocks = with_guided_denoiser(FluxAutoBlocks())        # FluxLoopDenoiser -> FluxGuidedLoopDenoiser
+    blocks = with_guided_denoiser(FluxAutoBlocks())        # a copy with FluxGuidedLoopDenoiser in the loop
     pipe = blocks.init_pipeline("black-forest-labs/FLUX.1-dev")
     pipe.load_components(torch_dtype=torch.bfloat16)
     pipe.update_components(guider=AdversarialSinkhornGuidance(guidance_scale=1.0, asag_scale=1.5))
@@ -33,6 +33,7 @@ Any other diffusers guider (``ClassifierFreeGuidance``, ``PerturbedAttentionGuid
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -132,30 +133,37 @@ class FluxGuidedLoopDenoiser(ModularPipelineBlocks):
 
 
 def with_guided_denoiser(blocks):
-    """Replace every ``FluxLoopDenoiser`` inside ``blocks`` (e.g. ``FluxAutoBlocks()``) by a
-    :class:`FluxGuidedLoopDenoiser`, in place; returns ``blocks``.
+    """A copy of ``blocks`` (e.g. ``FluxAutoBlocks()``) whose ``FluxLoopDenoiser`` steps are
+    :class:`FluxGuidedLoopDenoiser`; ``blocks`` itself is left as it was.
 
-    Raises ``ValueError`` when ``blocks`` holds no ``FluxLoopDenoiser`` (Flux Kontext's loop
-    denoiser is a different block and is not replaced).
+    Only the containers on the way to a replaced step are copied: diffusers shares block instances
+    between every ``FluxAutoBlocks()`` (they are created once, at class level), so replacing in place
+    would change every Flux pipeline in the process. Raises ``ValueError`` when ``blocks`` holds no
+    ``FluxLoopDenoiser`` (Flux Kontext's loop denoiser is a different block and is not replaced).
     """
-    replaced = 0
-
-    def walk(block):
-        nonlocal replaced
-        subs = getattr(block, "sub_blocks", None)
-        if not subs:
-            return
-        for name, sub in list(subs.items()):
-            if type(sub) is FluxLoopDenoiser:
-                subs[name] = FluxGuidedLoopDenoiser()
-                replaced += 1
-            else:
-                walk(sub)
-
-    walk(blocks)
+    new, replaced = _replace_denoisers(blocks)
     if not replaced:
         raise ValueError(
             f"with_guided_denoiser found no FluxLoopDenoiser in {type(blocks).__name__}; pass Flux.1 blocks "
             f"(diffusers.modular_pipelines.flux.FluxAutoBlocks or one of its denoise steps)"
         )
-    return blocks
+    return new
+
+
+def _replace_denoisers(block):
+    """(block with its FluxLoopDenoiser steps replaced, how many): the block itself when none is inside."""
+    subs = getattr(block, "sub_blocks", None)
+    if not subs:
+        return block, 0
+    fresh, replaced = copy.copy(subs), 0
+    for name, sub in subs.items():
+        if type(sub) is FluxLoopDenoiser:
+            fresh[name], count = FluxGuidedLoopDenoiser(), 1
+        else:
+            fresh[name], count = _replace_denoisers(sub)
+        replaced += count
+    if not replaced:
+        return block, 0
+    clone = copy.copy(block)
+    clone.sub_blocks = fresh
+    return clone, replaced
