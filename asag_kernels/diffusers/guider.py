@@ -189,7 +189,7 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         if id(denoiser) not in self._checked:
             check_device_support(self.settings.backend, denoiser)
             self._checked.add(id(denoiser))
-        check_parallelism(denoiser)
+        check_parallelism(denoiser, self.settings.joint_mode)
         modules = select_attention_layers(denoiser, self._layers_for(denoiser))
         family = families.family_of(denoiser)
         token_order = families.get_family(family).token_order if family else None

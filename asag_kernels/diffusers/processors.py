@@ -22,10 +22,7 @@ from . import families
 from .intercept import SinkhornSDPAMode, SinkhornSettings, call_layout
 from .layers import denoiser_of, normalise_layers, select_attention_layers
 
-try:
-    from .context_parallel import check_context_parallel
-except ImportError:  # the distributed engineer's module has not landed yet
-    check_context_parallel = None
+from .context_parallel import check_context_parallel
 
 __all__ = [
     "ASAGCFGProcessor",
@@ -45,10 +42,10 @@ DEFAULT_ASAG_SCALE = 1.5
 _GUARD_HOOK = "asag_pag_guard"
 
 
-def check_parallelism(module: torch.nn.Module) -> None:
-    """Refuse a denoiser running diffusers' context parallelism in a way the interception would get wrong."""
-    if check_context_parallel is not None:
-        check_context_parallel(module)
+def check_parallelism(module: torch.nn.Module, joint_mode: str) -> None:
+    """Refuse a denoiser running diffusers' context parallelism in a way the interception would get
+    wrong (ring attention; ``joint_mode="image"`` on an interleaved Ulysses sequence): a ValueError."""
+    check_context_parallel(module, joint_mode)
 
 
 def check_device_support(backend: str, module: torch.nn.Module) -> None:
@@ -236,7 +233,7 @@ def enable_asag(
     settings = SinkhornSettings(num_iters, epsilon, backend, joint_mode)
     denoiser = denoiser_of(pipe)
     check_device_support(settings.backend, denoiser)
-    check_parallelism(denoiser)
+    check_parallelism(denoiser, settings.joint_mode)
     family = families.family_of(denoiser)
     if layers is None:
         if hasattr(pipe, "unet"):
