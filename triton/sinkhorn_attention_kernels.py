@@ -15,21 +15,40 @@ buffers hold natural-log f and g, what the caller gets, so no conversion pass is
                      (flash attention with a key bias; it can also write f2 = log2 a − LSE2, which
                      is all that num_iters = 0 needs)
 
-Float32 accumulation and potentials for float16/bfloat16/float32 inputs (``tl.dot`` in the input
-dtype, float32 as IEEE or TF32 as the launcher says). Head dims are constexpr and padded to a power
-of two, masked only when padding exists. Whole column tiles run unmasked; the one partial tile
-comes last and its missing columns enter the LSE as -inf. Every tile holds at least one real
-column, so the running max is finite for finite inputs and no -inf − -inf appears. NaN in an input
-reaches the sums through exp2 and stays; an infinite ``out`` (only possible from non-finite
-inputs) is written as NaN. Tile starts are 64-bit, offsets inside a tile 32-bit.
+With ``OUTPUT_LSE`` both kernels write the natural-log LSE itself instead of log mu − LSE (the
+per-pass building blocks row_lse / col_lse / biased_attention).
 
-Autotuning is keyed on bucketed sizes on a GPU (single config below 1024 rows or columns, or with
-``ASAG_TRITON_AUTOTUNE=0``); under ``TRITON_INTERPRET=1`` exactly one pinned configuration is used
-(the interpreter cannot benchmark several).
+Float32 accumulation and potentials for float16/bfloat16/float32 inputs (``tl.dot`` in the input
+dtype, float32 as IEEE or TF32 as the launcher says). Every multiply-add is an explicit ``tl.fma``
+(or the dot's own accumulator), so results do not depend on Triton's fp-fusion default. Head dims
+are constexpr and padded to a power of two, masked only when padding exists; ``*_ALIGN`` (from the
+launcher, which checks the pointers and strides) tells the compiler that rows start on 16-byte
+boundaries, so a head dim such as 40 (row stride 80 bytes, which Triton's own 16-divisibility
+specialisation misses) keeps 16-byte vector loads. Whole column tiles run unmasked; the one partial
+tile comes last and its missing columns enter the LSE as -inf.
+
+-inf bias entries exclude a column: the running max is taken as 0 while it is still -inf, so no
+-inf − -inf appears, and a row whose entries are all -inf gets LSE = -inf and out = 0. NaN in an
+input reaches the sums through exp2 and stays; an infinite ``out`` (only possible from non-finite
+inputs) is written as NaN. The attention pass keeps its accumulator normalised for float32 and
+bfloat16 (whose range reaches 3.4e38): the weights of a tile are divided by a running bound Z on the
+row sum (folded into the exp2 argument, no extra multiply per logit), so the accumulator is always
+a sub-convex combination of v's rows and any finite v gives a finite out; float16 values cannot
+overflow a float32 sum, and keep unnormalised weights (which stay clear of float16's subnormals).
+Tile starts are 64-bit, offsets inside a tile 32-bit.
+
+Configurations: ``choose_configs`` is the one place that decides which tiles a launch may use. On a
+GPU the autotuner's candidates are pruned to the device's shared memory (stages shrink first), and
+below ``AUTOTUNE_MIN_SIZE`` rows or columns, or with ``ASAG_TRITON_AUTOTUNE=0``, only the pinned
+configuration of ``PINNED`` for the (architecture, head dim) runs — chosen by
+``benchmarks/triton_compile_sweep.py`` as one that compiles without register spills. Under
+``TRITON_INTERPRET=1`` one small configuration runs, unless ``forced_config`` pins another (the
+tests force every candidate at small sizes that way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import triton
@@ -38,94 +57,183 @@ import triton.language as tl
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Tile loops run as ``while`` loops under the interpreter: Triton 3.6's interpreter turns a tensor
+# loop bound into an int with int() of a one-element array, which NumPy 2.4 refuses ("only
+# 0-dimensional arrays can be converted to Python scalars"); a while condition goes through
+# bool(), which works. Compiled kernels keep the ``for`` loop that Triton's pipeliner needs.
+WHILE_LOOPS = tl.constexpr(INTERPRETING)
+BOUND_MARGIN = tl.constexpr(1.0625)
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates; tensor-core dots (fp16, bf16, TF32).
+POTENTIAL_SHAPES = [
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 3),
+    (128, 32, 4, 4),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (256, 64, 8, 3),
+    (128, 128, 4, 2),
+]
+# The attention pass holds a value tile and an accumulator too: not the widest tiles.
+ATTENTION_SHAPES = POTENTIAL_SHAPES[:6]
+# float32 without TF32 is an FMA dot (no tensor cores): small tiles, short compiles.
+FLOAT32_SHAPES = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)]
+# When no candidate fits the shared memory (very wide heads on a small device).
+FALLBACK_SHAPE = (32, 32, 4, 1)
 # The interpreter is slow per tile and cannot autotune: one small configuration.
-INTERPRETER_BLOCK_M = 64
-INTERPRETER_BLOCK_N = 64
+INTERPRETER_SHAPE = (64, 64, 4, 1)
 
+# Pinned configuration per (kind, arch, D_PAD, float32 IEEE dot): the first candidate unless the
+# compile sweep found that it spills there. arch is 80 (sm_80 and the ~100 KiB consumer parts,
+# whose budget shrinks stages) or 90 (sm_90). Keys not listed use the first candidate.
+PINNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {}
 
-def _potential_configs():
-    if INTERPRETING:
-        return [triton.Config({"BLOCK_M": INTERPRETER_BLOCK_M, "BLOCK_N": INTERPRETER_BLOCK_N}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 32, 4, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 3),
-        (256, 64, 8, 3),
-        (128, 128, 4, 2),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-def _attention_configs():
-    if INTERPRETING:
-        return [triton.Config({"BLOCK_M": INTERPRETER_BLOCK_M, "BLOCK_N": INTERPRETER_BLOCK_N}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 32, 4, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 3),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
-# Below this many rows or columns a pass is too short for the tile choice to matter; the first
+# Below this many rows or columns a pass is too short for the tile choice to matter; the pinned
 # configuration is used without benchmarking (also keeps test suites from compiling every config).
 AUTOTUNE_MIN_SIZE = 1024
-# ASAG_TRITON_AUTOTUNE=0 pins the first configuration everywhere: results are then bitwise
-# reproducible across processes too (autotuning may pick other tiles, which reorders the sums).
+# ASAG_TRITON_AUTOTUNE=0 pins one configuration everywhere: results are then bitwise reproducible
+# across processes too (autotuning may pick other tiles, which reorders the sums).
 AUTOTUNE = os.environ.get("ASAG_TRITON_AUTOTUNE", "1") != "0"
 # Shared memory a configuration may plan for: fits A100 (164 KiB) and H100 (227 KiB) with room;
 # less where the device has less (consumer GPUs have about 100 KiB).
 SHARED_MEMORY_BUDGET = 160 * 1024
-_device_budgets: dict = {}
+# Per-block shared memory limits by architecture (bytes), for compile-only checks without a GPU.
+ARCH_SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
-def _shared_memory_budget() -> int:
-    try:
-        import torch
-
-        device = torch.cuda.current_device()
-        if device not in _device_budgets:
-            props = triton.runtime.driver.active.utils.get_device_properties(device)
-            _device_budgets[device] = min(SHARED_MEMORY_BUDGET, int(props["max_shared_mem"]) - 4 * 1024)
-        return _device_budgets[device]
-    except Exception:  # no GPU (ahead-of-time compile checks): the default
-        return SHARED_MEMORY_BUDGET
-# float32 without TF32 is an FMA dot (no tensor cores): small tiles, short compiles.
-_FLOAT32_SHAPES = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)]
+def shared_memory_budget(max_shared_mem: int) -> int:
+    """What a configuration may plan for on a device with ``max_shared_mem`` bytes per block."""
+    return min(SHARED_MEMORY_BUDGET, int(max_shared_mem) - 4 * 1024)
 
 
-def _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes):
+def pinned_arch(arch: int) -> int:
+    """The ``PINNED`` column for a compute capability (e.g. 86 -> 80, 90 -> 90)."""
+    return 90 if 90 <= arch < 100 else 80
+
+
+def _config(shape) -> triton.Config:
+    m, n, w, s = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes):
     """Upper bound: pipelined key (and value) tiles plus the resident row tile."""
     return (stages * block_n * (d_pad + dv_pad) + block_m * d_pad) * elem_bytes
 
 
+def _fit(shape, budget, d_pad, dv_pad, elem_bytes):
+    """``shape`` with its pipelining shrunk to fit ``budget``, or None if one stage does not fit."""
+    m, n, w, s = shape
+    while s > 1 and shared_memory_estimate(m, n, s, d_pad, dv_pad, elem_bytes) > budget:
+        s -= 1
+    if shared_memory_estimate(m, n, s, d_pad, dv_pad, elem_bytes) > budget:
+        return None
+    return (m, n, w, s)
+
+
+def candidate_shapes(kind: str, elem_bytes: int, precision: str) -> list[tuple[int, int, int, int]]:
+    """Autotuning candidates of ``kind`` ("potential" or "attention") before the memory fit."""
+    if elem_bytes == 4 and precision == "ieee":
+        return list(FLOAT32_SHAPES)
+    return list(POTENTIAL_SHAPES if kind == "potential" else ATTENTION_SHAPES)
+
+
+def choose_configs(kind: str, *, arch: int, max_shared_mem: int, elem_bytes: int, precision: str,
+                   d_pad: int, dv_pad: int = 0, pinned_only: bool) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a launch may use, the pinned one first.
+
+    Every candidate is fitted to the shared-memory budget of ``max_shared_mem`` (stages shrink,
+    tiles that do not fit with one stage are dropped); ``pinned_only`` keeps just the first.
+    """
+    budget = shared_memory_budget(max_shared_mem)
+    candidates = candidate_shapes(kind, elem_bytes, precision)
+    pinned = PINNED.get((kind, pinned_arch(arch), d_pad, elem_bytes == 4 and precision == "ieee"), candidates[0])
+    kept = []
+    for shape in [pinned, *candidates]:
+        fitted = _fit(shape, budget, d_pad, dv_pad, elem_bytes)
+        if fitted is not None and fitted not in kept:
+            kept.append(fitted)
+    if not kept:  # nothing fits (a head dim too wide for this device): the smallest tile, one stage
+        kept = [FALLBACK_SHAPE]
+    return kept[:1] if pinned_only else kept
+
+
+# A configuration pinned by ``forced_config`` (tests, sweeps): every launch uses it.
+_forced: triton.Config | None = None
+
+
+@contextlib.contextmanager
+def forced_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1):
+    """Run every launch inside the block with this tile, bypassing the autotuner (also under the
+    interpreter, where the tests force each candidate at small sizes)."""
+    global _forced
+    previous = _forced
+    _forced = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+    try:
+        yield _forced
+    finally:
+        _forced = previous
+
+
+def _device_properties() -> tuple[int, int]:
+    """(compute capability as 10·major + minor, shared memory per block) of the current device."""
+    import torch
+
+    device = torch.cuda.current_device()
+    if device not in _device_cache:
+        major, minor = torch.cuda.get_device_capability(device)
+        props = triton.runtime.driver.active.utils.get_device_properties(device)
+        _device_cache[device] = (10 * major + minor, int(props["max_shared_mem"]))
+    return _device_cache[device]
+
+
+_device_cache: dict = {}
+
+
+def _kind(kwargs) -> str:
+    return "attention" if "DV_PAD" in kwargs else "potential"
+
+
+def _choose_for_launch(named_args, kwargs, pinned_only):
+    arch, max_shared_mem = _device_properties()
+    return choose_configs(_kind(kwargs), arch=arch, max_shared_mem=max_shared_mem,
+                          elem_bytes=next(iter(named_args.values())).element_size(),
+                          precision=kwargs["DOT_PRECISION"], d_pad=kwargs["D_PAD"], dv_pad=kwargs.get("DV_PAD", 0),
+                          pinned_only=pinned_only)
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Shrink pipelining (or drop tiles) to fit shared memory; small or pinned passes: one config."""
+    """Autotuner hook (large passes on a GPU only, see ``launch``): every candidate that fits."""
+    return [_config(s) for s in _choose_for_launch(named_args, kwargs, pinned_only=False)]
+
+
+def fixed_config(named_args, kwargs) -> triton.Config | None:
+    """The one configuration a launch runs without the autotuner, or None to autotune."""
+    if _forced is not None:
+        return _forced
     if INTERPRETING:
-        return configs
-    elem_bytes = next(iter(named_args.values())).element_size()
-    d_pad, dv_pad = kwargs["D_PAD"], kwargs.get("DV_PAD", 0)
-    budget = _shared_memory_budget()
-    if elem_bytes == 4 and kwargs.get("DOT_PRECISION") == "ieee":
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in _FLOAT32_SHAPES]
-    kept = {}
-    for c in configs:
-        block_m, block_n, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
-        while stages > 1 and _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes) > budget:
-            stages -= 1
-        if _shared_memory_estimate(block_m, block_n, stages, d_pad, dv_pad, elem_bytes) <= budget:
-            kept.setdefault((block_m, block_n, c.num_warps, stages),
-                            triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=c.num_warps, num_stages=stages))
-    kept = list(kept.values()) or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return _config(INTERPRETER_SHAPE)
     small = min(named_args["rows_bucket"], named_args["cols_bucket"]) < AUTOTUNE_MIN_SIZE
-    return kept[:1] if small or not AUTOTUNE else kept
+    if small or not AUTOTUNE:
+        return _config(_choose_for_launch(named_args, kwargs, pinned_only=True)[0])
+    return None
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Launch ``kernel`` (one of the autotuned kernels below): a fixed configuration runs the
+    jitted function directly (no benchmarking, which Triton 3.6 would do even for one config and
+    the interpreter cannot do at all); large passes on a GPU go through the autotuner."""
+    config = fixed_config(dict(zip(kernel.arg_names, args)), kwargs)
+    if config is None:
+        return kernel[grid](*args, **kwargs)
+    return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def _autotune_configs(kind):
+    # More than one, so that the autotuner always asks ``_prune_configs``; what runs is what the
+    # pruner returns.
+    return [_config(s) for s in (POTENTIAL_SHAPES if kind == "potential" else ATTENTION_SHAPES)]
 
 
 def size_bucket(n: int) -> int:
@@ -134,19 +242,33 @@ def size_bucket(n: int) -> int:
 
 
 @triton.jit
-def _head_offset(program_bh, heads, stride_b, stride_h):
+def _head_offset(program_bh, heads, stride_b, stride_h, ALIGN: tl.constexpr):
+    """Element offset of one (batch, head); a multiple of ALIGN (the launcher checked the strides)."""
     batch = (program_bh // heads).to(tl.int64)
     head = (program_bh % heads).to(tl.int64)
-    return batch * stride_b + head * stride_h
+    offset = batch * stride_b + head * stride_h
+    if ALIGN > 1:
+        offset = tl.multiple_of(offset, ALIGN)
+    return offset
+
+
+@triton.jit
+def _row_offsets(offs_row, stride_row, ALIGN: tl.constexpr):
+    """offs_row · stride_row, each a multiple of ALIGN: with 16 bytes' worth, rows start on 16-byte
+    boundaries and the loads vectorise even when Triton did not specialise the stride."""
+    offsets = offs_row * stride_row
+    if ALIGN > 1:
+        offsets = tl.multiple_of(offsets, [ALIGN])
+    return offsets
 
 
 @triton.jit
 def _load_tile(ptr, offs_row, offs_col, rows_left, stride_row, stride_col,
-               N_COLS: tl.constexpr, COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr):
+               N_COLS: tl.constexpr, COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr, ALIGN: tl.constexpr):
     """A [rows, COLS_PAD] tile from ``ptr`` (its first row); rows from ``rows_left`` on and padded
     columns read as 0, with no mask at all when neither exists. Offsets inside a tile are small,
     the tile's start is folded into ``ptr`` in 64 bits."""
-    ptrs = ptr + offs_row[:, None] * stride_row + offs_col[None, :] * stride_col
+    ptrs = ptr + _row_offsets(offs_row, stride_row, ALIGN)[:, None] + offs_col[None, :] * stride_col
     if MASK_ROWS:
         if N_COLS == COLS_PAD:
             return tl.load(ptrs, mask=(offs_row < rows_left)[:, None], other=0.0)
@@ -158,10 +280,10 @@ def _load_tile(ptr, offs_row, offs_col, rows_left, stride_row, stride_col,
 
 @triton.jit
 def _load_tile_transposed(ptr, offs_row, offs_col, rows_left, stride_row, stride_col,
-                          N_COLS: tl.constexpr, COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr):
+                          N_COLS: tl.constexpr, COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr, ALIGN: tl.constexpr):
     """``_load_tile`` read directly as its [COLS_PAD, rows] transpose through the strides (a load
     feeding ``tl.dot`` without a ``tl.trans`` in between is what Triton's pipeliner makes async)."""
-    ptrs = ptr + offs_col[:, None] * stride_col + offs_row[None, :] * stride_row
+    ptrs = ptr + offs_col[:, None] * stride_col + _row_offsets(offs_row, stride_row, ALIGN)[None, :]
     if MASK_ROWS:
         if N_COLS == COLS_PAD:
             return tl.load(ptrs, mask=(offs_row < rows_left)[None, :], other=0.0)
@@ -174,40 +296,57 @@ def _load_tile_transposed(ptr, offs_row, offs_col, rows_left, stride_row, stride
 @triton.jit
 def _logit_tile(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d, stride_cn, stride_cd, logit_scale2,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_COLS: tl.constexpr,
-                UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """L2 + bias for one column tile, -inf at columns past n_cols."""
+                UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, COLS_ALIGN: tl.constexpr):
+    """L2 + bias2 for one column tile, -inf at columns past n_cols."""
     cols_idx = start + offs_c
     tile_ptr = cols_ptr + tl.cast(start, tl.int64) * stride_cn
     cols_t = _load_tile_transposed(tile_ptr, offs_c, offs_d, n_cols - start, stride_cn, stride_cd, HEAD_DIM, D_PAD,
-                                   MASK_COLS)
+                                   MASK_COLS, COLS_ALIGN)
     if UPCAST_DOT:
         cols_t = cols_t.to(tl.float32)
-    logits = tl.dot(rows, cols_t, input_precision=DOT_PRECISION) * logit_scale2
+    dots = tl.dot(rows, cols_t, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         if MASK_COLS:
             bias = tl.load(col_bias_ptr + cols_idx, mask=cols_idx < n_cols, other=float("-inf")) * LOG2E
         else:
             bias = tl.load(col_bias_ptr + cols_idx) * LOG2E
-        logits = logits + bias[None, :]
-    elif MASK_COLS:
-        logits = tl.where((cols_idx < n_cols)[None, :], logits, float("-inf"))
+        logits = tl.fma(dots, logit_scale2, bias[None, :])
+    else:
+        logits = dots * logit_scale2
+        if MASK_COLS:
+            logits = tl.where((cols_idx < n_cols)[None, :], logits, float("-inf"))
     return logits
+
+
+@triton.jit
+def _finite_max(run_max, logits):
+    """(new running max, the max to subtract): the latter is 0 while every entry so far is -inf."""
+    new_max = tl.maximum(run_max, tl.max(logits, 1))
+    return new_max, tl.where(new_max == float("-inf"), 0.0, new_max)
 
 
 @triton.jit
 def _potential_update(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d, stride_cn, stride_cd,
                       logit_scale2, run_max, run_sum,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_COLS: tl.constexpr,
-                      UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, COLS_ALIGN: tl.constexpr):
     logits = _logit_tile(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d, stride_cn, stride_cd,
-                         logit_scale2, HEAD_DIM, D_PAD, HAS_BIAS, MASK_COLS, UPCAST_DOT, DOT_PRECISION)
-    new_max = tl.maximum(run_max, tl.max(logits, 1))
-    run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(tl.exp2(logits - new_max[:, None]), 1)
+                         logit_scale2, HEAD_DIM, D_PAD, HAS_BIAS, MASK_COLS, UPCAST_DOT, DOT_PRECISION, COLS_ALIGN)
+    new_max, shift = _finite_max(run_max, logits)
+    run_sum = tl.fma(run_sum, tl.exp2(run_max - shift), tl.sum(tl.exp2(logits - shift[:, None]), 1))
     return new_max, run_sum
 
 
+@triton.jit
+def _log_output(lse2, log2_marginal, OUTPUT_LSE: tl.constexpr):
+    """Natural-log LSE itself, or the potential log mu − LSE."""
+    if OUTPUT_LSE:
+        return lse2 * LN2
+    return (log2_marginal - lse2) * LN2
+
+
 @triton.autotune(
-    configs=_potential_configs(),
+    configs=_autotune_configs("potential"),
     key=["rows_bucket", "cols_bucket", "D_PAD", "HAS_BIAS", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
@@ -222,16 +361,20 @@ def potential_pass_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    OUTPUT_LSE: tl.constexpr,
+    ROWS_ALIGN: tl.constexpr,
+    COLS_ALIGN: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """potential[r] = log2_marginal − log2 Σ_c 2^(logit_scale2·<rows_r, cols_c> + col_bias[c])."""
+    """potential[r] = log2_marginal − log2 Σ_c 2^(logit_scale2·<rows_r, cols_c> + col_bias[c])
+    (in natural log; the LSE itself with OUTPUT_LSE)."""
     tile = tl.program_id(0)
     program_bh = tl.program_id(1)
-    rows_ptr += _head_offset(program_bh, heads, stride_rb, stride_rh)
-    cols_ptr += _head_offset(program_bh, heads, stride_cb, stride_ch)
+    rows_ptr += _head_offset(program_bh, heads, stride_rb, stride_rh, ROWS_ALIGN)
+    cols_ptr += _head_offset(program_bh, heads, stride_cb, stride_ch, COLS_ALIGN)
     # Potentials are contiguous [B·H, N] float32 buffers owned by the launcher.
     col_bias_ptr += program_bh.to(tl.int64) * n_cols
     potential_ptr += program_bh.to(tl.int64) * n_rows
@@ -241,7 +384,7 @@ def potential_pass_kernel(
     offs_c = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     rows = _load_tile(rows_ptr + tl.cast(row_start, tl.int64) * stride_rn, offs_r, offs_d, n_rows - row_start,
-                      stride_rn, stride_rd, HEAD_DIM, D_PAD, True)
+                      stride_rn, stride_rd, HEAD_DIM, D_PAD, True, ROWS_ALIGN)
     if UPCAST_DOT:
         rows = rows.to(tl.float32)
 
@@ -249,42 +392,65 @@ def potential_pass_kernel(
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     # Whole column tiles need no column mask; the one partial tile (if any) comes last.
     n_full = (n_cols // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        run_max, run_sum = _potential_update(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d,
-                                             stride_cn, stride_cd, logit_scale2, run_max, run_sum,
-                                             HEAD_DIM, D_PAD, HAS_BIAS, False, UPCAST_DOT, DOT_PRECISION)
+    if WHILE_LOOPS:
+        start = 0
+        while start < n_full:
+            run_max, run_sum = _potential_update(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d,
+                                                 stride_cn, stride_cd, logit_scale2, run_max, run_sum,
+                                                 HEAD_DIM, D_PAD, HAS_BIAS, False, UPCAST_DOT, DOT_PRECISION, COLS_ALIGN)
+            start += BLOCK_N
+    else:
+        for start in range(0, n_full, BLOCK_N):
+            run_max, run_sum = _potential_update(rows, cols_ptr, col_bias_ptr, start, n_cols, offs_c, offs_d,
+                                                 stride_cn, stride_cd, logit_scale2, run_max, run_sum,
+                                                 HEAD_DIM, D_PAD, HAS_BIAS, False, UPCAST_DOT, DOT_PRECISION, COLS_ALIGN)
     if n_full < n_cols:
         run_max, run_sum = _potential_update(rows, cols_ptr, col_bias_ptr, n_full, n_cols, offs_c, offs_d,
                                              stride_cn, stride_cd, logit_scale2, run_max, run_sum,
-                                             HEAD_DIM, D_PAD, HAS_BIAS, True, UPCAST_DOT, DOT_PRECISION)
+                                             HEAD_DIM, D_PAD, HAS_BIAS, True, UPCAST_DOT, DOT_PRECISION, COLS_ALIGN)
 
-    potential = (log2_marginal - (run_max + tl.log2(run_sum))) * LN2
+    potential = _log_output(run_max + tl.log2(run_sum), log2_marginal, OUTPUT_LSE)
     tl.store(potential_ptr + row_start + offs_r, potential, mask=row_start + offs_r < n_rows)
 
 
 @triton.jit
 def _attention_update(q, k_ptr, v_ptr, key_bias_ptr, start, n_k, offs_n, offs_d, offs_dv,
-                      stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, acc,
+                      stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, run_bound, acc,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr,
                       HAS_BIAS: tl.constexpr, MASK_KEYS: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, NORMALISE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr):
+    """One key tile of online softmax·v. acc holds Σ_j w_j v_j / run_bound with the weights w_j
+    relative to the running max; run_bound stays 1 unless NORMALISE, where it is an upper bound on
+    the weight sum so far (acc is then a sub-convex combination of v's rows: no overflow)."""
     logits = _logit_tile(q, k_ptr, key_bias_ptr, start, n_k, offs_n, offs_d, stride_kn, stride_kd,
-                         logit_scale2, HEAD_DIM, D_PAD, HAS_BIAS, MASK_KEYS, UPCAST_DOT, DOT_PRECISION)
-    new_max = tl.maximum(run_max, tl.max(logits, 1))
-    rescale = tl.exp2(run_max - new_max)
-    weights = tl.exp2(logits - new_max[:, None])
-    run_sum = run_sum * rescale + tl.sum(weights, 1)
+                         logit_scale2, HEAD_DIM, D_PAD, HAS_BIAS, MASK_KEYS, UPCAST_DOT, DOT_PRECISION, K_ALIGN)
+    new_max, shift = _finite_max(run_max, logits)
+    rescale = tl.exp2(run_max - shift)
+    if NORMALISE:
+        carried = run_sum * rescale  # the earlier weights, relative to the new max
+        # A tile adds at most BLOCK_N weights of at most 1 each; the 1/16 margin covers rounding
+        # (bfloat16 weights round by up to 2^-9 each), so acc never leaves v's range.
+        new_bound = tl.fma(carried, BOUND_MARGIN, BLOCK_N * BOUND_MARGIN)
+        weights = tl.exp2(logits - (shift + tl.log2(new_bound))[:, None])
+        run_sum = tl.fma(tl.sum(weights, 1), new_bound, carried)
+        acc_scale = run_bound * rescale / new_bound
+    else:
+        new_bound = run_bound
+        weights = tl.exp2(logits - shift[:, None])
+        run_sum = tl.fma(run_sum, rescale, tl.sum(weights, 1))
+        acc_scale = rescale
     # Value rows past n_k load as 0 (their weight is 0 too, but 0·garbage could be NaN).
     v = _load_tile(v_ptr + tl.cast(start, tl.int64) * stride_vn, offs_n, offs_dv, n_k - start, stride_vn, stride_vd,
-                   VALUE_DIM, DV_PAD, MASK_KEYS)
+                   VALUE_DIM, DV_PAD, MASK_KEYS, V_ALIGN)
     if UPCAST_DOT:
         v = v.to(tl.float32)
-    acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return new_max, run_sum, acc
+    acc = tl.dot(weights.to(v.dtype), v, acc * acc_scale[:, None], input_precision=DOT_PRECISION)
+    return new_max, run_sum, new_bound, acc
 
 
 @triton.autotune(
-    configs=_attention_configs(),
+    configs=_autotune_configs("attention"),
     key=["rows_bucket", "cols_bucket", "D_PAD", "DV_PAD", "HAS_BIAS", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
@@ -304,18 +470,25 @@ def attention_pass_kernel(
     DV_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_ROW_POTENTIAL: tl.constexpr,
+    OUTPUT_LSE: tl.constexpr,
+    NORMALISE: tl.constexpr,
+    OUT_MAX: tl.constexpr,
+    Q_ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    V_ALIGN: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """out_i = softmax_j(L[i,j] + key_bias[j]) · v_j; optionally f2_i = log2_row_marginal − LSE2_i."""
+    """out_i = softmax_j(L[i,j] + key_bias[j]) · v_j; optionally f2_i = log2_row_marginal − LSE2_i
+    (the LSE itself with OUTPUT_LSE). OUT_MAX is the largest finite value of out's dtype."""
     tile = tl.program_id(0)
     program_bh = tl.program_id(1)
-    q_ptr += _head_offset(program_bh, heads, stride_qb, stride_qh)
-    k_ptr += _head_offset(program_bh, heads, stride_kb, stride_kh)
-    v_ptr += _head_offset(program_bh, heads, stride_vb, stride_vh)
-    out_ptr += _head_offset(program_bh, heads, stride_ob, stride_oh)
+    q_ptr += _head_offset(program_bh, heads, stride_qb, stride_qh, Q_ALIGN)
+    k_ptr += _head_offset(program_bh, heads, stride_kb, stride_kh, K_ALIGN)
+    v_ptr += _head_offset(program_bh, heads, stride_vb, stride_vh, V_ALIGN)
+    out_ptr += _head_offset(program_bh, heads, stride_ob, stride_oh, 1)
     key_bias_ptr += program_bh.to(tl.int64) * n_k
     row_potential_ptr += program_bh.to(tl.int64) * n_q
 
@@ -325,29 +498,46 @@ def attention_pass_kernel(
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     q = _load_tile(q_ptr + tl.cast(row_start, tl.int64) * stride_qn, offs_m, offs_d, n_q - row_start,
-                   stride_qn, stride_qd, HEAD_DIM, D_PAD, True)
+                   stride_qn, stride_qd, HEAD_DIM, D_PAD, True, Q_ALIGN)
     if UPCAST_DOT:
         q = q.to(tl.float32)
 
     run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
+    run_bound = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     n_full = (n_k // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        run_max, run_sum, acc = _attention_update(
-            q, k_ptr, v_ptr, key_bias_ptr, start, n_k, offs_n, offs_d, offs_dv,
-            stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, acc,
-            HEAD_DIM, D_PAD, VALUE_DIM, DV_PAD, HAS_BIAS, False, UPCAST_DOT, DOT_PRECISION)
+    if WHILE_LOOPS:
+        start = 0
+        while start < n_full:
+            run_max, run_sum, run_bound, acc = _attention_update(
+                q, k_ptr, v_ptr, key_bias_ptr, start, n_k, offs_n, offs_d, offs_dv,
+                stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, run_bound, acc,
+                HEAD_DIM, D_PAD, VALUE_DIM, DV_PAD, HAS_BIAS, False, UPCAST_DOT, DOT_PRECISION, NORMALISE, BLOCK_N,
+                K_ALIGN, V_ALIGN)
+            start += BLOCK_N
+    else:
+        for start in range(0, n_full, BLOCK_N):
+            run_max, run_sum, run_bound, acc = _attention_update(
+                q, k_ptr, v_ptr, key_bias_ptr, start, n_k, offs_n, offs_d, offs_dv,
+                stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, run_bound, acc,
+                HEAD_DIM, D_PAD, VALUE_DIM, DV_PAD, HAS_BIAS, False, UPCAST_DOT, DOT_PRECISION, NORMALISE, BLOCK_N,
+                K_ALIGN, V_ALIGN)
     if n_full < n_k:
-        run_max, run_sum, acc = _attention_update(
+        run_max, run_sum, run_bound, acc = _attention_update(
             q, k_ptr, v_ptr, key_bias_ptr, n_full, n_k, offs_n, offs_d, offs_dv,
-            stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, acc,
-            HEAD_DIM, D_PAD, VALUE_DIM, DV_PAD, HAS_BIAS, True, UPCAST_DOT, DOT_PRECISION)
+            stride_kn, stride_kd, stride_vn, stride_vd, logit_scale2, run_max, run_sum, run_bound, acc,
+            HEAD_DIM, D_PAD, VALUE_DIM, DV_PAD, HAS_BIAS, True, UPCAST_DOT, DOT_PRECISION, NORMALISE, BLOCK_N,
+                K_ALIGN, V_ALIGN)
 
-    out = acc / run_sum[:, None]
-    # out is a convex combination of v's rows: it is infinite only for non-finite inputs, which
-    # SPEC §4 wants to read as NaN.
-    out = tl.where(tl.abs(out) == float("inf"), float("nan"), out)
+    # A row with no admissible key (every entry -inf) has run_sum = 0 and gets out = 0.
+    out = tl.where((run_sum == 0.0)[:, None], 0.0, acc * (run_bound / run_sum)[:, None])
+    # out is a convex combination of v's rows. acc (kept within v's range) is infinite only for
+    # non-finite inputs, which SPEC §4 wants to read as NaN; the final rescale may round one ulp
+    # past the output dtype's largest value, which must not become Inf (comparisons are false
+    # for NaN, which stays).
+    out = tl.where(tl.abs(acc) == float("inf"), float("nan"), out)
+    out = tl.where(out > OUT_MAX, OUT_MAX, tl.where(out < -OUT_MAX, -OUT_MAX, out))
     row_mask = row_start + offs_m < n_q
     tl.store(
         out_ptr + tl.cast(row_start, tl.int64) * stride_on + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
@@ -355,5 +545,5 @@ def attention_pass_kernel(
         mask=row_mask[:, None] & (offs_dv < VALUE_DIM)[None, :],
     )
     if WRITE_ROW_POTENTIAL:
-        row_potential = (log2_row_marginal - (run_max + tl.log2(run_sum))) * LN2
+        row_potential = _log_output(run_max + tl.log2(run_sum), log2_row_marginal, OUTPUT_LSE)
         tl.store(row_potential_ptr + row_start + offs_m, row_potential, mask=row_mask)
