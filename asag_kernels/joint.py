@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from ._validate import check_backend, check_cost, check_epsilon, check_num_iters, check_scale
 from .api import sinkhorn_attention
 
 __all__ = ["JOINT_MODES", "check_joint_mode", "joint_sinkhorn_attention"]
@@ -162,14 +163,13 @@ def joint_sinkhorn_attention(
         modes equal ``sinkhorn_attention`` on the real tokens.
     """
     check_joint_mode(joint_mode)
+    num_iters, cost, scale = check_num_iters(num_iters), check_cost(cost), check_scale(scale)
+    epsilon, backend = check_epsilon(epsilon), check_backend(backend)
     start, stop = _check_joint_inputs(q, k, v, image_start, image_stop, key_padding_mask)
     if scale is None and q.shape[-1] > 0:
         scale = 1.0 / math.sqrt(q.shape[-1])
     sinkhorn_kwargs = dict(num_iters=num_iters, cost=cost, scale=scale, epsilon=epsilon, backend=backend)
     if q.shape[0] == 0 or q.shape[1] == 0:
-        # Still validate the op's own arguments on a one-token problem.
-        sinkhorn_attention(q.new_zeros(1, 1, q.shape[-1]), k.new_zeros(1, 1, k.shape[-1]), v.new_zeros(1, 1, v.shape[-1]),
-                           **sinkhorn_kwargs)
         return torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     if key_padding_mask is None or bool(key_padding_mask.all()):
         return _solve_group(q, k, v, None, start, stop, joint_mode, sinkhorn_kwargs, scale, backend)

@@ -177,6 +177,8 @@ def test_empty_batch():
     q = torch.randn(0, 2, 5, 4)
     out = joint_sinkhorn_attention(q, q, q, image_start=1, image_stop=5)
     assert out.shape == (0, 2, 5, 4)
+    with pytest.raises(ValueError, match="epsilon"):  # arguments are checked even with nothing to compute
+        joint_sinkhorn_attention(q, q, q, image_start=1, image_stop=5, epsilon=0.0)
 
 
 @pytest.mark.parametrize(
@@ -195,6 +197,8 @@ def test_empty_batch():
         (dict(epsilon=float("nan")), ValueError, "epsilon"),
         (dict(cost="x"), ValueError, "cost"),
         (dict(backend="nope"), ValueError, "backend"),
+        (dict(num_iters=2.0), TypeError, "num_iters"),
+        (dict(scale=float("inf")), ValueError, "scale"),
     ],
 )
 def test_bad_arguments(kwargs, exc, needle):
