@@ -21,45 +21,20 @@ from diffusers.models._modeling_parallel import ParallelConfig
 
 from asag_kernels.diffusers import AdversarialSinkhornGuidance
 from asag_kernels.diffusers.context_parallel import check_context_parallel
+import test_diffusers_models
 from test_distributed import _rendezvous
 
-TEXT, IMAGE = 6, 12
 
 
 def _flux():
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
-    ).eval()
-    g = torch.Generator().manual_seed(3)
-    latents = torch.randn(1, IMAGE, 4, generator=g)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(3.0), torch.arange(4.0), indexing="ij"), -1)
-    img_ids = img_ids.reshape(IMAGE, 3)
-    txt_ids = torch.zeros(TEXT, 3)
-    data = {
-        "encoder_hidden_states": (torch.randn(1, TEXT, 16, generator=g), torch.randn(1, TEXT, 16, generator=g)),
-        "pooled_projections": (torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)),
-    }
-
-    def forward(batch):
-        return model(hidden_states=latents, encoder_hidden_states=batch.encoder_hidden_states,
-                     pooled_projections=batch.pooled_projections, timestep=torch.tensor([0.5]), img_ids=img_ids,
-                     txt_ids=txt_ids, return_dict=False)[0]
-
+    """The tiny random Flux transformer of the guider's model tests: (model, data, forward)."""
+    model, data, forward, _, _ = test_diffusers_models._flux()
     return model, data, forward
 
 
 def _step(guider, model, data, forward):
     """One denoising step as diffusers' modular loop drives a guider: {prediction name: output}."""
-    guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(500))
-    preds = {}
-    for batch in guider.prepare_inputs(data):
-        guider.prepare_models(model)
-        batch.noise_pred = forward(batch)
-        guider.cleanup_models(model)
-        preds[batch.__guidance_identifier__] = batch.noise_pred
-    return preds
+    return test_diffusers_models._run(guider, model, data, forward)[0]
 
 
 def _guider(joint_mode):
