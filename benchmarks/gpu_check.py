@@ -481,7 +481,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     if args.dry_run:
         return dry_run(args)
-    out = args.out
+    out = None if args.out is None else args.out.resolve()  # pytest runs in the checkout: no relative paths
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
