@@ -8,6 +8,7 @@ its shard of out/f/g against the reference solved on the concatenated inputs.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 import tempfile
@@ -20,6 +21,7 @@ import torch.multiprocessing as mp
 
 import asag_kernels
 from asag_kernels import distributed as asag_dist
+from asag_kernels.distributed.cost import bytes_per_rank
 from asag_kernels._spec import out_tolerance, potential_tolerance
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
@@ -57,9 +59,18 @@ def check_case(c, rank):
     ref_out, ref_f, ref_g = asag_kernels.sinkhorn_attention(q, k, v, backend="reference", return_potentials=True, **kw)
     # Poison: the shards handed in are copies filled afterwards, so nothing of the inputs aliases the result.
     q_r, k_r, v_r = (_shard(t, c[n], rank).clone() for t, n in ((q, "nq"), (k, "nk"), (v, "nk")))
+    asag_dist.reset_bytes_sent()
     got = asag_dist.sinkhorn_attention(q_r, k_r, v_r, strategy=c["strategy"], backend=c["backend"],
                                        return_potentials=c["potentials"], **kw)
     ctx = f"case {c} on rank {rank}"
+    problems = math.prod(lead)
+    strategy = c["strategy"]
+    if strategy == "auto":
+        strategy = "ulysses" if problems >= len(c["nq"]) else "ring"
+    want_bytes = bytes_per_rank(strategy, rank, c["nq"], c["nk"], problems=problems, d=d, dv=dv,
+                                elem=q.element_size(), pot=8 if dtype == F64 else 4, num_iters=c["num_iters"],
+                                potentials=c["potentials"])
+    assert asag_dist.bytes_sent() == want_bytes, f"sent {asag_dist.bytes_sent()} bytes, formula {want_bytes}: {ctx}"
     out = got[0] if c["potentials"] else got
     ref_r = _shard(ref_out, c["nq"], rank)
     assert out.shape == ref_r.shape and out.dtype == dtype and out.is_contiguous(), ctx
