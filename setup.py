@@ -82,9 +82,17 @@ def _extensions():
             self.failed = []
             try:
                 super().build_extensions()
-            except Exception as exc:  # set-up before any extension (e.g. no working compiler)
-                _log(f"native build failed before compiling, skipping every extension: {type(exc).__name__}: {exc}")
-                self.failed = list(self.extensions)
+            except Exception as exc:  # torch's set-up checks before any extension compiles
+                cuda = [ext for ext in self.extensions if ext.name == build_spec.CUDA_EXTENSION]
+                if not cuda:  # e.g. no working C++ compiler: nothing can build
+                    _log(f"native build failed before compiling, skipping every extension: {type(exc).__name__}: {exc}")
+                    self.failed = list(self.extensions)
+                else:  # e.g. nvcc's CUDA version does not match torch's: the CPU extension can still build
+                    _log(f"CUDA build set-up failed, skipping {cuda[0].name}: {type(exc).__name__}: {exc}")
+                    self.failed = cuda
+                    self.extensions = [ext for ext in self.extensions if ext not in self.failed]
+                    self.build_extensions()
+                    return
             self.extensions = [ext for ext in self.extensions if ext not in self.failed]
 
         def build_extension(self, ext):

@@ -75,7 +75,7 @@ for arch in $ARCHS; do
   for src in "${KERNEL_SOURCES[@]}"; do
     printf '%s %s\n' "$arch" "$src"
   done
-done | xargs -P "$JOBS" -L 1 bash -c 'compile_one "$0" "$1"' >"$results"
+done | xargs -r -P "$JOBS" -L 1 bash -c 'compile_one "$0" "$1"' >"$results"
 
 while read -r verdict tag; do
   log="$WORK/$tag.log"
@@ -106,6 +106,10 @@ start=$SECONDS
 BINDING_SOURCES=$("${SPEC[@]}" binding-sources)
 if [[ -n "$BINDING_SOURCES" ]]; then
   PY=${PYTHON:-python}
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "=== the binding check needs a python with torch: '$PY' has none (activate the venv or set PYTHON)"
+    exit 1
+  fi
   mapfile -t TORCH_INCLUDES < <("$PY" -c "import torch.utils.cpp_extension as c; print('\n'.join(c.include_paths()))")
   PY_INCLUDE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   CUDA_HOME_DIR=$("${SPEC[@]}" cuda-home || echo /usr/local/cuda)  # the toolkit setup.py hands to torch

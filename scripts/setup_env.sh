@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes ./.venv with torch (the pinned CPU wheel by default) and asag_kernels installed editable with
-# every extra, which builds the C++ CPU extension. Safe to rerun: it skips what is already there.
+# every extra, which builds the C++ CPU extension (flags from asag_kernels/build_spec.py). Safe to
+# rerun: it skips what is already there.
 # Sourced by scripts/test.sh and scripts/bench.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,7 +15,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q "setuptools>=77" ninja "$TORCH_SPEC"
 # Reinstall (rebuilding the extension) when the build inputs changed since the last install.
-stamp=$(cat setup.py pyproject.toml $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16)
+stamp=$(cat setup.py pyproject.toml asag_kernels/build_spec.py $(find csrc -type f | LC_ALL=C sort) | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.asag_build_stamp 2>/dev/null)" != "$stamp" ] || [ "${ASAG_REINSTALL:-0}" = 1 ] \
    || ! python -c "import asag_kernels._C_cpu" 2>/dev/null; then
   # No build isolation: the extension must build against the torch installed above, and an isolated

@@ -280,3 +280,32 @@ def test_large_logits_stay_finite(seed):
 def test_more_heads_than_one_grid_dimension_holds(seed):
     q, k, v = _inputs((70000, 1), 3, 5, 8, 8, torch.float16, seed, "contiguous")
     _check(q, k, v, torch.float16, num_iters=1)
+
+
+def _process_cudart():
+    """The CUDA runtime library this process (torch and the extension) uses, through ctypes."""
+    import ctypes
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    if not paths:
+        pytest.skip("no shared libcudart is loaded (a statically linked runtime has its own error state)")
+    return ctypes.CDLL(sorted(paths)[0])
+
+
+@gpu_only
+def test_launch_reports_its_own_error_only(seed):
+    """An error that unrelated earlier work left pending is neither reported by the launch (the old
+    launcher's cudaGetLastError() blamed it on the kernels) nor cleared for its owner."""
+    q, k, v = _inputs((1, 2), 40, 50, 64, 64, torch.float16, seed, "contiguous")
+    ext = cuda_backend._extension()
+    cudart = _process_cudart()
+    invalid_device = cudart.cudaSetDevice(10**6)  # fails, leaving a (non-sticky) last error
+    assert invalid_device != 0
+    try:
+        out, f, g = ext.sinkhorn_attention(q, k, v, 1, -0.125, False)
+    finally:
+        pending = cudart.cudaGetLastError()  # read (and clear) it before torch's own launch checks
+    assert pending == invalid_device, "the launch consumed an error that was not its own"
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and torch.isfinite(f).all() and torch.isfinite(g).all()

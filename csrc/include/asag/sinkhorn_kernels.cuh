@@ -432,16 +432,28 @@ inline StridedTile make_tile(const StridedInput& t, int batch, int heads, int n,
   return {t.data, t.stride_b, t.stride_h, t.stride_n, t.stride_d, vectorized};
 }
 
+// A failed runtime call also leaves its error as this thread's "last error"; the caller reports the
+// returned value, so the copy is consumed here rather than left for unrelated later code to find.
+inline int own_error(cudaError_t err) {
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return static_cast<int>(err);
+}
+
+// Returns this launch's own status only. cudaLaunchKernel returns it directly, unlike `<<<...>>>`
+// followed by cudaGetLastError(), which would also report (and blame this launch for) an error that
+// unrelated earlier work left pending on this thread, and would clear it for its real owner. Errors
+// raised later while the kernels run are asynchronous; the next synchronising call reports them.
 template <class Kernel, class Args>
 int launch_kernel(Kernel kernel, int64_t blocks, size_t smem_bytes, cudaStream_t stream, const Args& args) {
   if (blocks > 0x7fffffffLL) return static_cast<int>(cudaErrorInvalidConfiguration);
   if (smem_bytes > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-    if (err != cudaSuccess) return static_cast<int>(err);
+    if (err != cudaSuccess) return own_error(err);
   }
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(args);
-  return static_cast<int>(cudaGetLastError());
+  void* params[] = {const_cast<Args*>(&args)};  // the kernels take one argument struct by value
+  return own_error(
+      cudaLaunchKernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), params, smem_bytes, stream));
 }
 
 // f (or g) = log_marginal - LSE over the other side, for every row of `a`.
