@@ -208,3 +208,16 @@ def test_list_attention_layers():
     assert list_attention_layers(flux) == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
     unet_layers = list_attention_layers(_unet()[0])
     assert unet_layers and all(name.endswith("attn1") for name in unet_layers)  # cross-attention (attn2) excluded
+
+
+@torch.no_grad()
+def test_single_stream_text_length_under_another_hook(spy):
+    """Another diffusers hook already wrapping the single-stream block (caches, offloading) must not
+    hide the block's text length from the guider."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, data, forward, image_tokens, _ = _flux()
+    HookRegistry.check_if_exists_or_initialize(model.single_transformer_blocks[0]).register_hook(ModelHook(), "other")
+    _run(AdversarialSinkhornGuidance(guidance_scale=1.0, layers=r"single_transformer_blocks\.0\.attn$"), model, data, forward)
+    assert [(c["name"], c["text"]) for c in spy] == [("single_transformer_blocks.0.attn", TEXT_TOKENS)]
+    assert model.single_transformer_blocks[0]._diffusers_hook.get_hook("other") is not None

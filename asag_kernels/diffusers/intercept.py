@@ -190,12 +190,13 @@ class TextLengthHook(ModelHook):
         return getattr(self._local, "text", None)
 
     def initialize_hook(self, module):
-        self._signature = inspect.signature(module.forward)
+        # The class's forward: the instance's may already be another hook's (*args, **kwargs) wrapper.
+        self._signature = inspect.signature(type(module).forward)
         return module
 
     def new_forward(self, module, *args, **kwargs):
         try:
-            bound = self._signature.bind_partial(*args, **kwargs).arguments
+            bound = self._signature.bind_partial(module, *args, **kwargs).arguments
         except TypeError:
             bound = kwargs
         encoder = bound.get("encoder_hidden_states")
