@@ -190,3 +190,19 @@ def test_uninitialised_group_is_a_clear_error():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match="not initialised.*init_process_group"):
         asag_dist.sinkhorn_attention(q, q, q)
+
+
+def test_distributed_bench_smoke(tmp_path):
+    """benchmarks/distributed_bench.py runs (so it cannot rot) and its byte counts match the formula."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed_bench.py"
+    out = tmp_path / "dist.json"
+    subprocess.run([sys.executable, str(script), "--shape", "2,24,8", "--ranks", "2", "--strategies", "ring",
+                    "--reps", "1", "--json", str(out)], check=True, timeout=600)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ranks"] == 2 and row["median_s"] > 0 and len(row["peak_mib_per_rank"]) == 2
+    assert row["sent_bytes_per_rank"] == row["formula_bytes_per_rank"] and min(row["sent_bytes_per_rank"]) > 0
