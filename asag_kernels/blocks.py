@@ -75,12 +75,19 @@ def _bias(value, name: str, like: torch.Tensor, shape: torch.Size) -> torch.Tens
     return value.to(dtype).contiguous()
 
 
+def resolve_scale(scale: float | None, d: int) -> float:
+    """None -> 1/sqrt(D), as sinkhorn_attention (1 for D = 0, where every logit is 0 anyway)."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0
+
+
 def _scalars(q, cost, scale, epsilon, backend):
     cost = check_cost(cost)
     scale = check_scale(scale)
     epsilon = check_epsilon(epsilon)
     backend = check_backend(backend)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = resolve_scale(scale, q.shape[-1])
     check_logit_scale(scale, epsilon, q.dtype)
     return cost, scale, float(epsilon), backend
 
@@ -140,4 +147,4 @@ def biased_attention(q, k, v, g=None, *, cost="adversarial", scale=None, epsilon
     return biased_attention_op(q, k, v, g, cost, scale, epsilon, backend)
 
 
-__all__ = ["row_lse", "col_lse", "biased_attention", "check_operands"]
+__all__ = ["row_lse", "col_lse", "biased_attention", "check_operands", "resolve_scale"]

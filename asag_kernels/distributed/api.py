@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -17,7 +15,7 @@ from .._validate import (
     check_num_iters,
     check_scale,
 )
-from ..blocks import check_operands
+from ..blocks import check_operands, resolve_scale
 from . import ring, ulysses
 from .shapes import MAX_LEAD_DIMS, exchange
 
@@ -66,7 +64,7 @@ def _check_local(q, k, v, num_iters, cost, scale, epsilon, backend, strategy, re
     strategy = _check_strategy(strategy)
     if not isinstance(return_potentials, bool):
         raise TypeError(f"return_potentials must be a bool, got {type(return_potentials).__name__}")
-    check_logit_scale(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, epsilon, q.dtype)
+    check_logit_scale(resolve_scale(scale, q.shape[-1]), epsilon, q.dtype)
     return num_iters, cost, scale, epsilon, backend, strategy
 
 
@@ -125,8 +123,7 @@ def sinkhorn_attention(
         local_error, codes = exc, {}
     layout = exchange(q, k, v, local_error=local_error, codes=codes, rank=rank, world=world, group=group,
                       device=_comm_device(group))
-    if scale is None:
-        scale = 1.0 / math.sqrt(layout.d)
+    scale = resolve_scale(scale, layout.d)
     if strategy == "auto":
         strategy = "ulysses" if layout.heads >= world else "ring"
     impl = ulysses if strategy == "ulysses" else ring
