@@ -193,7 +193,8 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         modules = select_attention_layers(denoiser, self._layers_for(denoiser))
         family = families.family_of(denoiser)
         token_order = families.get_family(family).token_order if family else None
-        self._installed = install(modules, self.settings, _HOOK, token_order, single_stream_blocks(denoiser, modules))
+        self._installed = install(modules, self.settings, _HOOK, token_order, single_stream_blocks(denoiser, modules),
+                                  root=denoiser)
         guard = _FailureGuard(self)
         registry = HookRegistry.check_if_exists_or_initialize(denoiser)
         if registry.get_hook(_HOOK) is not None:

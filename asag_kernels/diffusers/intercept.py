@@ -208,32 +208,32 @@ class TextLengthHook(ModelHook):
             self._local.text = None
 
 
-def call_layout(module_name: str, args, kwargs, token_order, text_length: TextLengthHook | None) -> CallLayout:
+def call_layout(module_name: str, args, kwargs, token_order, text_lengths: tuple = ()) -> CallLayout:
     """The layout of one attention-module call from its arguments: a self-attention module handed
     ``encoder_hidden_states`` is joint (double-stream: the text rows join the sequence); a
-    single-stream block's attention gets the joint sequence and its text length from the block."""
+    single-stream block's attention gets the joint sequence, and its text length comes from the first
+    of ``text_lengths`` (:class:`TextLengthHook` on the block, then on the denoiser) that knows it."""
     encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    text = 0
     if isinstance(encoder, torch.Tensor) and encoder.dim() >= 2:
-        text = encoder.shape[1]
-    elif text_length is not None and text_length.current is not None:
-        text = text_length.current
-    return CallLayout(module_name, text, token_order)
+        return CallLayout(module_name, encoder.shape[1], token_order)
+    for hook in text_lengths:
+        if hook.current is not None:
+            return CallLayout(module_name, hook.current, token_order)
+    return CallLayout(module_name, 0, token_order)
 
 
 class SinkhornAttentionHook(ModelHook):
     """On a chosen attention module: runs its forward under :class:`SinkhornSDPAMode` (all samples perturbed)."""
 
-    def __init__(self, module_name: str, settings: SinkhornSettings, token_order: str | None,
-                 text_length: TextLengthHook | None = None):
+    def __init__(self, module_name: str, settings: SinkhornSettings, token_order: str | None, text_lengths: tuple = ()):
         super().__init__()
-        self.module_name, self.settings, self.token_order, self.text_length = module_name, settings, token_order, text_length
+        self.module_name, self.settings, self.token_order, self.text_lengths = module_name, settings, token_order, text_lengths
         self.forward_calls = 0
         self.replaced_calls = 0
 
     def new_forward(self, module, *args, **kwargs):
         self.forward_calls += 1
-        mode = SinkhornSDPAMode(self.settings, call_layout(self.module_name, args, kwargs, self.token_order, self.text_length))
+        mode = SinkhornSDPAMode(self.settings, call_layout(self.module_name, args, kwargs, self.token_order, self.text_lengths))
         try:
             with mode:
                 return self.fn_ref.original_forward(*args, **kwargs)
@@ -241,28 +241,33 @@ class SinkhornAttentionHook(ModelHook):
             self.replaced_calls += mode.replaced_calls
 
 
-def install(modules: dict, settings: SinkhornSettings, name: str, token_order: str | None, blocks: dict) -> list:
-    """Register a :class:`SinkhornAttentionHook` called ``name`` on each of ``modules`` (name -> module);
-    ``blocks`` maps a module name to its single-stream block, which gets a :class:`TextLengthHook`.
+def install(modules: dict, settings: SinkhornSettings, name: str, token_order: str | None, blocks: dict,
+            root: torch.nn.Module | None = None) -> list:
+    """Register a :class:`SinkhornAttentionHook` called ``name`` on each of ``modules`` (name -> module).
+    ``blocks`` maps a module name to its single-stream block; that block and ``root`` (the denoiser,
+    whose ``encoder_hidden_states`` give the text length where the block is called without it, as in
+    Flux.2) get a :class:`TextLengthHook` called ``name + "_text"``.
     Returns ``[(module, hook), ...]`` for :func:`uninstall`; on any error nothing stays installed."""
     installed, text_hooks = [], {}
 
-    def register(module, hook):
+    def register(module, hook, hook_name):
         registry = HookRegistry.check_if_exists_or_initialize(module)
-        if registry.get_hook(name) is not None:  # left by a run that was interrupted
-            registry.remove_hook(name, recurse=False)
-        registry.register_hook(hook, name)
+        if registry.get_hook(hook_name) is not None:  # left by a run that was interrupted
+            registry.remove_hook(hook_name, recurse=False)
+        registry.register_hook(hook, hook_name)
         installed.append((module, hook))
         return hook
+
+    def text_hook(module):
+        if id(module) not in text_hooks:
+            text_hooks[id(module)] = register(module, TextLengthHook(), name + "_text")
+        return text_hooks[id(module)]
 
     try:
         for module_name, module in modules.items():
             block = blocks.get(module_name)
-            text_length = None
-            if block is not None:
-                text_length = text_hooks.get(id(block)) or register(block, TextLengthHook())
-                text_hooks[id(block)] = text_length
-            register(module, SinkhornAttentionHook(module_name, settings, token_order, text_length))
+            lengths = () if block is None else tuple(text_hook(m) for m in (block, root) if m is not None)
+            register(module, SinkhornAttentionHook(module_name, settings, token_order, lengths), name)
     except BaseException:
         uninstall(installed, name)
         raise
@@ -273,5 +278,6 @@ def uninstall(installed: list, name: str) -> None:
     """Remove the hooks :func:`install` registered (a missing one is skipped; never raises for it)."""
     for module, _ in installed:
         registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(name) is not None:
-            registry.remove_hook(name, recurse=False)
+        for hook_name in (name, name + "_text"):
+            if registry is not None and registry.get_hook(hook_name) is not None:
+                registry.remove_hook(hook_name, recurse=False)

@@ -114,7 +114,7 @@ class _ASAGProcessorBase:
     def __call__(self, attn, hidden_states, *args, **kwargs):
         start = _perturbed_start(hidden_states.shape[0], self._plain_chunks, type(self).__name__)
         layout = call_layout(getattr(attn, "_asag_name", type(attn).__name__), (hidden_states, *args), kwargs,
-                             self.token_order, None)
+                             self.token_order)
         mode = SinkhornSDPAMode(self.settings, layout, start)
         with mode:
             out = self._stock_for(attn)(attn, hidden_states, *args, **kwargs)
