@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test 
 
 from ..joint import JOINT_MODES
 from .guider import AdversarialSinkhornGuidance
-from .intercept import SinkhornSettings
+from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
 from .layers import list_attention_layers, select_attention_layers
 from .processors import (
     DEFAULT_ASAG_SCALE,
@@ -44,9 +44,6 @@ from .processors import (
     disable_asag,
     enable_asag,
 )
-
-DEFAULT_NUM_ITERS = 2
-DEFAULT_EPSILON = 1.0
 
 __all__ = [
     "AdversarialSinkhornGuidance",

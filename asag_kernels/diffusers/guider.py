@@ -18,7 +18,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from .._validate import check_finite_float, check_fraction
 from . import families
-from .intercept import SinkhornAttentionHook, SinkhornSettings, install, uninstall
+from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornAttentionHook, SinkhornSettings, install, uninstall
 from .layers import normalise_layers, select_attention_layers, single_stream_blocks
 from .processors import DEFAULT_ASAG_SCALE, check_device_support, check_parallelism
 
@@ -89,8 +89,8 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         asag_start: float = 0.0,
         asag_stop: float = 1.0,
         layers=None,
-        num_iters: int = 2,
-        epsilon: float = 1.0,
+        num_iters: int = DEFAULT_NUM_ITERS,
+        epsilon: float = DEFAULT_EPSILON,
         backend: str = "auto",
         joint_mode: str = "image",
         guidance_rescale: float = 0.0,

@@ -30,6 +30,8 @@ from .families import IMAGE_FIRST, TEXT_FIRST
 
 __all__ = ["SinkhornSettings", "SinkhornSDPAMode", "SinkhornAttentionHook", "TextLengthHook", "install", "uninstall"]
 
+DEFAULT_NUM_ITERS = 2
+DEFAULT_EPSILON = 1.0
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 # An additive mask value at or below this is a dropped key: exp() of it is 0 in float32.
 _DROPPED = -1.0e4
@@ -39,8 +41,8 @@ _DROPPED = -1.0e4
 class SinkhornSettings:
     """What the perturbed attention computes (validated once, shared by hooks and processors)."""
 
-    num_iters: int = 2
-    epsilon: float = 1.0
+    num_iters: int = DEFAULT_NUM_ITERS
+    epsilon: float = DEFAULT_EPSILON
     backend: str = "auto"
     joint_mode: str = "image"
 

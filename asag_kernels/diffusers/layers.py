@@ -150,16 +150,18 @@ def select_attention_layers(model, layers) -> dict[str, torch.nn.Module]:
     denoiser = denoiser_of(model)
     candidates = {name: m for name, m in denoiser.named_modules() if _is_self_attention(m)}
     found: dict[str, torch.nn.Module] = {}
-    ints = [item for item in normalise_layers(layers) if isinstance(item, int)]
-    for item in normalise_layers(layers):
+    items = normalise_layers(layers)
+    ints = [item for item in items if isinstance(item, int)]
+    for item in items:
         if isinstance(item, str):
             found.update(_from_pattern(denoiser, item, candidates))
         elif isinstance(item, LayerSkipConfig):
             found.update(_from_config(denoiser, item))
-    if ints:
+    if ints:  # bare indices: one LayerSkipConfig(fqn="auto"), as diffusers' PAG guider builds from its layer list
         found.update(_from_config(denoiser, LayerSkipConfig(indices=ints, fqn="auto", skip_attention=False,
                                                             skip_attention_scores=True, skip_ff=False)))
-    return dict(sorted(found.items(), key=lambda kv: list(candidates).index(kv[0]) if kv[0] in candidates else 0))
+    order = {name: i for i, name in enumerate(candidates)}
+    return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], -1)))
 
 
 def single_stream_blocks(model, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:

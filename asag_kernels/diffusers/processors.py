@@ -19,7 +19,7 @@ from diffusers.pipelines.pag.pag_utils import PAGMixin
 from .. import backends
 from .._validate import check_finite_float
 from . import families
-from .intercept import SinkhornSDPAMode, SinkhornSettings, call_layout
+from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSDPAMode, SinkhornSettings, call_layout
 from .layers import denoiser_of, normalise_layers, select_attention_layers
 
 from .context_parallel import check_context_parallel
@@ -79,8 +79,8 @@ def _perturbed_start(batch: int, plain_chunks: int, who: str) -> int:
 class _ASAGProcessorBase:
     _plain_chunks: int
 
-    def __init__(self, num_iters: int = 2, epsilon: float = 1.0, backend: str = "auto", *, joint_mode: str = "image",
-                 token_order: str | None = None, stock_processors=None):
+    def __init__(self, num_iters: int = DEFAULT_NUM_ITERS, epsilon: float = DEFAULT_EPSILON, backend: str = "auto", *,
+                 joint_mode: str = "image", token_order: str | None = None, stock_processors=None):
         self.settings = SinkhornSettings(num_iters, epsilon, backend, joint_mode)
         self.token_order = token_order
         # attention module -> the processor it had before ASAG (weak: never keeps a model alive)
@@ -197,8 +197,8 @@ def enable_asag(
     layers=None,
     *,
     asag_scale: float = DEFAULT_ASAG_SCALE,
-    num_iters: int = 2,
-    epsilon: float = 1.0,
+    num_iters: int = DEFAULT_NUM_ITERS,
+    epsilon: float = DEFAULT_EPSILON,
     backend: str = "auto",
     joint_mode: str = "image",
 ) -> dict[str, float]:
