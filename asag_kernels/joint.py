@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ._validate import check_backend, check_cost, check_epsilon, check_num_iters, check_scale
+from ._validate import _check_choice, check_backend, check_cost, check_epsilon, check_num_iters, check_scale
 from .api import sinkhorn_attention
 
 __all__ = ["JOINT_MODES", "check_joint_mode", "joint_sinkhorn_attention"]
@@ -33,10 +33,9 @@ JOINT_MODES = ("image", "joint")
 
 
 def check_joint_mode(value, name: str = "joint_mode") -> str:
-    """``value`` if it is one of :data:`JOINT_MODES`, else a ValueError naming ``name``."""
-    if not isinstance(value, str) or value not in JOINT_MODES:
-        raise ValueError(f"{name} must be one of {JOINT_MODES}, got {value!r}")
-    return value
+    """``value`` if it is one of :data:`JOINT_MODES`; else, with the rule of ``cost``/``backend``, a
+    TypeError (not a string) or ValueError (another string) naming ``name``."""
+    return _check_choice(value, name, JOINT_MODES)
 
 
 def _check_index(value, name: str) -> int:

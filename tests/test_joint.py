@@ -185,7 +185,7 @@ def test_empty_batch():
     "kwargs,exc,needle",
     [
         (dict(joint_mode="text"), ValueError, "joint_mode"),
-        (dict(joint_mode=None), ValueError, "joint_mode"),
+        (dict(joint_mode=None), TypeError, "joint_mode"),
         (dict(image_start=3, image_stop=3), ValueError, "image_start"),
         (dict(image_start=-1), ValueError, "image_start"),
         (dict(image_stop=9), ValueError, "image_stop"),
