@@ -356,13 +356,23 @@ def test_pinned_table_is_used(monkeypatch):
     """A PINNED entry for (kind, arch, D_PAD, float32-IEEE) is what the pinned path runs."""
     require_backend("triton", torch.float32)
     kernels = triton_backend.kernels()
-    monkeypatch.setattr(kernels, "PINNED", {("attention", 90, 128, False): (64, 64, 4, 2)})
+    monkeypatch.setattr(kernels, "PINNED", {("attention", 90, 128, "16bit"): (64, 64, 4, 2)})
     got = kernels.choose_configs("attention", arch=90, max_shared_mem=227 * 1024, elem_bytes=2, precision="ieee",
                                  d_pad=128, dv_pad=128, pinned_only=True)
     assert got == [(64, 64, 4, 2)]
     other = kernels.choose_configs("attention", arch=80, max_shared_mem=164 * 1024, elem_bytes=2, precision="ieee",
                                    d_pad=128, dv_pad=128, pinned_only=True)
     assert other[0][:3] == kernels.ATTENTION_SHAPES[0][:3]
+
+
+def test_spilling_candidates_are_never_chosen(monkeypatch):
+    require_backend("triton", torch.float32)
+    kernels = triton_backend.kernels()
+    monkeypatch.setattr(kernels, "SPILLING", {("potential", 90, 64, "16bit"): {(128, 64, 8), (64, 64, 4)}})
+    got = kernels.choose_configs("potential", arch=90, max_shared_mem=227 * 1024, elem_bytes=2, precision="ieee",
+                                 d_pad=64, pinned_only=False)
+    assert got and not {s[:3] for s in got} & {(128, 64, 8), (64, 64, 4)}
+    assert got[0][:3] == kernels.POTENTIAL_SHAPES[1][:3]  # the first candidate that does not spill is pinned
 
 
 def test_alignment_hint():

@@ -84,10 +84,26 @@ FALLBACK_SHAPE = (32, 32, 4, 1)
 # The interpreter is slow per tile and cannot autotune: one small configuration.
 INTERPRETER_SHAPE = (64, 64, 4, 1)
 
-# Pinned configuration per (kind, arch, D_PAD, float32 IEEE dot): the first candidate unless the
-# compile sweep found that it spills there. arch is 80 (sm_80 and the ~100 KiB consumer parts,
-# whose budget shrinks stages) or 90 (sm_90). Keys not listed use the first candidate.
-PINNED: dict[tuple[str, int, int, bool], tuple[int, int, int, int]] = {}
+# Keys of the two tables below: (kind, arch, D_PAD, dot class) with arch 80 (sm_80 and the
+# ~100 KiB consumer parts, whose budget shrinks stages) or 90 (sm_90), and dot class "16bit"
+# (float16/bfloat16), "tf32" or "fp32" (IEEE float32, an FMA dot).
+# Pinned configuration: the first candidate unless listed here.
+PINNED: dict[tuple[str, int, int, str], tuple[int, int, int, int]] = {}
+# Candidates (BLOCK_M, BLOCK_N, num_warps) that spill registers there, as compiled by
+# benchmarks/triton_compile_sweep.py (Triton 3.9; docs/PERF.md has the table): never launched.
+SPILLING: dict[tuple[str, int, int, str], set[tuple[int, int, int]]] = {
+    ("potential", 80, 128, "16bit"): {(128, 64, 4), (128, 128, 8), (64, 128, 4), (256, 64, 8), (128, 128, 4)},
+    ("attention", 80, 128, "16bit"): {(128, 64, 4), (128, 128, 8), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
+    ("attention", 90, 128, "16bit"): {(128, 64, 4), (64, 128, 4)},
+    ("potential", 80, 64, "16bit"): {(128, 128, 4)},
+    ("attention", 80, 64, "16bit"): {(64, 128, 4)},
+    ("potential", 80, 128, "tf32"): {(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 128, 4)},
+    # Open: TF32 attention at D = 128 on sm_80 spills in every configuration tried (the float32 q
+    # tile and accumulator); the one kept spills least (184 B; 64×64 and 64×32 tiles spill more).
+    ("attention", 80, 128, "tf32"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (128, 128, 8), (64, 128, 4)},
+    ("potential", 90, 128, "tf32"): {(128, 128, 4)},
+    ("attention", 90, 128, "tf32"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
+}
 
 # Below this many rows or columns a pass is too short for the tile choice to matter; the pinned
 # configuration is used without benchmarking (also keeps test suites from compiling every config).
@@ -132,6 +148,12 @@ def _fit(shape, budget, d_pad, dv_pad, elem_bytes):
     return (m, n, w, s)
 
 
+def dot_class(elem_bytes: int, precision: str) -> str:
+    if elem_bytes == 2:
+        return "16bit"
+    return "tf32" if precision == "tf32" else "fp32"
+
+
 def candidate_shapes(kind: str, elem_bytes: int, precision: str) -> list[tuple[int, int, int, int]]:
     """Autotuning candidates of ``kind`` ("potential" or "attention") before the memory fit."""
     if elem_bytes == 4 and precision == "ieee":
@@ -143,12 +165,14 @@ def choose_configs(kind: str, *, arch: int, max_shared_mem: int, elem_bytes: int
                    d_pad: int, dv_pad: int = 0, pinned_only: bool) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a launch may use, the pinned one first.
 
-    Every candidate is fitted to the shared-memory budget of ``max_shared_mem`` (stages shrink,
-    tiles that do not fit with one stage are dropped); ``pinned_only`` keeps just the first.
+    Candidates known to spill (``SPILLING``) are left out; every other one is fitted to the
+    shared-memory budget of ``max_shared_mem`` (stages shrink, tiles that do not fit with one stage
+    are dropped); ``pinned_only`` keeps just the first.
     """
     budget = shared_memory_budget(max_shared_mem)
-    candidates = candidate_shapes(kind, elem_bytes, precision)
-    pinned = PINNED.get((kind, pinned_arch(arch), d_pad, elem_bytes == 4 and precision == "ieee"), candidates[0])
+    key = (kind, pinned_arch(arch), d_pad, dot_class(elem_bytes, precision))
+    candidates = [s for s in candidate_shapes(kind, elem_bytes, precision) if s[:3] not in SPILLING.get(key, ())]
+    pinned = PINNED.get(key, candidates[0] if candidates else FALLBACK_SHAPE)
     kept = []
     for shape in [pinned, *candidates]:
         fitted = _fit(shape, budget, d_pad, dv_pad, elem_bytes)
@@ -225,6 +249,9 @@ def launch(kernel, grid, *args, **kwargs):
     jitted function directly (no benchmarking, which Triton 3.6 would do even for one config and
     the interpreter cannot do at all); large passes on a GPU go through the autotuner."""
     config = fixed_config(dict(zip(kernel.arg_names, args)), kwargs)
+    # Every multiply-add is explicit: fusion off is the same code, on every Triton version (3.9
+    # warns on each compile while the default is unset; 3.10 turns it off).
+    kwargs = dict(kwargs, enable_fp_fusion=False)
     if config is None:
         return kernel[grid](*args, **kwargs)
     return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
