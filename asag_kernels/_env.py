@@ -80,6 +80,20 @@ def env_int(name: str, default: int, *, minimum: int = 0, maximum: int = 2**31 -
     return value
 
 
+def env_list(name: str, choices: tuple[str, ...], default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of names from `choices` (case-insensitive, blanks ignored)."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    items = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+    bad = [item for item in items if item not in choices]
+    if bad or not items:
+        raise ValueError(
+            f"environment variable {name} must be a comma-separated list of {choices}, got {os.environ[name]!r}"
+        )
+    return items
+
+
 # Workspace budgets in MiB: at most 1 TiB (larger is a typo, and overflows byte counts downstream).
 MAX_WORKSPACE_MB = 2.0**20
 

@@ -1,9 +1,14 @@
-"""Shared fixtures: the device under test, the backend parametrisation, fresh random inputs."""
+"""Shared fixtures: the device under test, the backend parametrisation, fresh random inputs, the
+backends a run must have (a missing one fails instead of skipping) and a per-test timeout."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import random
+import signal
+import sys
+import threading
 
 import pytest
 import torch
@@ -14,25 +19,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from asag_kernels import backends  # noqa: E402
+from asag_kernels._env import env_float, env_list  # noqa: E402
+from asag_kernels._spec import TOLERANCES  # noqa: E402,F401  (SPEC §4, re-exported for the tests)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Backends this run must have: ASAG_REQUIRE_BACKENDS (comma-separated; CI sets it), and on a GPU
+# machine every backend (a GPU run that skips its GPU kernels proves nothing).
+REQUIRED_BACKENDS: tuple[str, ...] = env_list("ASAG_REQUIRE_BACKENDS", backends.BACKENDS, ())
 if DEVICE.type == "cuda":
-    # A just-in-time CUDA build must finish before tests decide what to skip ("building..." would
-    # otherwise skip every cuda case quietly).
+    REQUIRED_BACKENDS = tuple(dict.fromkeys(REQUIRED_BACKENDS + backends.BACKENDS))
+    # A just-in-time CUDA build must finish before tests decide what to skip: status() starts it
+    # (in the background by default), wait_for_build() then joins it. Calling wait_for_build()
+    # alone returned at once, before anything had started a build, and every cuda case skipped.
     from asag_kernels.backends import cuda_backend
 
+    cuda_backend.status()
     cuda_backend.wait_for_build()
     # SPEC §4's float32 tolerance is for exact float32 products; TF32 has its own, looser budget.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-
-# (out relative Frobenius error, f/g max abs error) against the float64 reference, SPEC §4.
-TOLERANCES = {
-    torch.float64: (1e-12, 1e-10),
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (5e-3, 2e-2),
-    torch.bfloat16: (2e-2, 5e-2),
-}
 
 
 def skip_reason(name: str, dtype: torch.dtype, device: torch.device = DEVICE) -> str | None:
@@ -40,9 +46,14 @@ def skip_reason(name: str, dtype: torch.dtype, device: torch.device = DEVICE) ->
 
 
 def require_backend(name: str, dtype: torch.dtype = torch.float32, device: torch.device = DEVICE) -> None:
+    """Skip (with the backend's reason) when `name` cannot run these tensors here; fail instead when
+    the backend is required but unusable here at all (a dtype it never takes still skips)."""
     reason = skip_reason(name, dtype, device)
-    if reason is not None:
-        pytest.skip(f"backend {name!r} cannot run {dtype} on {device.type} here: {reason}")
+    if reason is None:
+        return
+    if name in REQUIRED_BACKENDS and backends.status(name) != "ok":
+        pytest.fail(f"backend {name!r} is required (ASAG_REQUIRE_BACKENDS / GPU run) but unusable: {reason}")
+    pytest.skip(f"backend {name!r} cannot run {dtype} on {device.type} here: {reason}")
 
 
 @pytest.fixture(params=backends.BACKENDS)
@@ -86,7 +97,7 @@ def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def pytest_report_header(config):
-    lines = [f"asag_kernels device under test: {DEVICE}"]
+    lines = [f"asag_kernels device under test: {DEVICE}; required backends: {', '.join(REQUIRED_BACKENDS) or 'none'}"]
     lines += [f"  backend {name}: {why}" for name, why in backends.backend_status().items()]
     return lines
 
@@ -145,3 +156,45 @@ def check_blocks(module, dtype, seed, *, layout="transposed", lead=(2, 3), nq=37
     assert (lse2[0, 0] == -float("inf")).all() and (out2[0, 0] == 0).all(), ctx
     assert torch.equal(out2[1:], out[1:]) and torch.equal(lse2[1:], lse[1:]), ctx
     assert (module.row_lse(q, k, g_none, **kw)[0, 0] == -float("inf")).all(), ctx
+
+
+# ---- per-test timeout ------------------------------------------------------------------------
+# pytest-timeout is not a test dependency; this does its job for a hung interpreter, build or
+# kernel: SIGALRM fails the test after ASAG_TEST_TIMEOUT_S seconds (default 1200, 0 = off), and if
+# the process is stuck where Python cannot run the handler (inside C code), faulthandler dumps every
+# thread's stack and exits 60 s later, so CI fails instead of stalling.
+
+TEST_TIMEOUT_S = env_float("ASAG_TEST_TIMEOUT_S", 1200.0)
+
+
+class PerTestTimeout(Exception):
+    """A test ran past ASAG_TEST_TIMEOUT_S."""
+
+
+def _timeout_usable(config) -> bool:
+    return (
+        TEST_TIMEOUT_S > 0
+        and hasattr(signal, "SIGALRM")
+        and threading.current_thread() is threading.main_thread()
+        and not config.pluginmanager.hasplugin("timeout")
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _timeout_usable(item.config):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise PerTestTimeout(f"{item.nodeid} ran past ASAG_TEST_TIMEOUT_S={TEST_TIMEOUT_S:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_S + 60, exit=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, previous)
