@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_PACK = REPO / "comfyui_asag"
@@ -26,6 +27,9 @@ if not (COMFYUI_DIR / "comfy").is_dir():
     raise RuntimeError(f"no ComfyUI tree at {COMFYUI_DIR}; set ASAG_COMFYUI_DIR (scripts/test_comfyui.sh does)")
 
 sys.dont_write_bytecode = True
+# The models are tiny: one thread is fastest, and on a busy two-core machine more threads spin-wait
+# (a 3-step tiny-UNet sampling went from 0.35 s to 10-19 s with two threads under load).
+torch.set_num_threads(1)
 COMFY_HOME = Path(tempfile.mkdtemp(prefix="asag-comfyui-"))
 # A placeholder checkpoint name: prompt validation checks the name against models/checkpoints only.
 (COMFY_HOME / "models" / "checkpoints").mkdir(parents=True)

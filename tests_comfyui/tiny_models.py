@@ -71,7 +71,12 @@ def tiny_sd3(seed: int = 0):
     cfg = dict(in_channels=16, out_channels=16, pos_embed_scaling_factor=None, patch_size=2, depth=2,
                adm_in_channels=16, pos_embed_max_size=8, num_patches=64, qk_norm=None,
                context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}})
-    return _patcher(comfy.supported_models.SD3, cfg, seed)
+    patcher = _patcher(comfy.supported_models.SD3, cfg, seed)
+    # MMDiT allocates its position-embedding buffer empty (a checkpoint fills it).
+    with torch.no_grad():
+        pos = patcher.model.diffusion_model.pos_embed
+        pos.copy_(0.1 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(seed + 1)))
+    return patcher
 
 
 def tiny_wan(seed: int = 0):
