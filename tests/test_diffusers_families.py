@@ -245,18 +245,8 @@ def test_guider_in_family_pipeline(model, joint_mode):
         _check_module_calls(module, module_calls, per_step, _text_tokens, family, joint_mode)
 
 
-_FLUX2_SINGLE_STREAM_TEXT = pytest.mark.xfail(
-    strict=True,
-    reason="asag_kernels/diffusers/intercept.py: Flux2Transformer2DModel calls its single-stream blocks with "
-    "encoder_hidden_states=None and no text_seq_len (the [text, image] sequence is concatenated before them), so "
-    "TextLengthHook finds no text length, the call counts as plain self-attention and joint_mode='image' silently "
-    "runs Sinkhorn over the whole sequence (= 'joint'); the text length must come from the denoiser's own "
-    "encoder_hidden_states (a hook on the transformer), or 'image' mode must raise when it is unknown",
-)
-
-
 @pytest.mark.parametrize("model,joint_mode", [
-    ("flux", "image"), ("flux", "joint"), pytest.param("flux2", "image", marks=_FLUX2_SINGLE_STREAM_TEXT), ("flux2", "joint"),
+    ("flux", "image"), ("flux", "joint"), ("flux2", "image"), ("flux2", "joint"),
 ])
 @torch.no_grad()
 def test_guider_on_single_stream_blocks(model, joint_mode):
