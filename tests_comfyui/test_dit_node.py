@@ -49,8 +49,9 @@ class DiTAttnRecorder:
         for h in self.handles:
             h.remove()
 
-    def classify(self, n_text, joint_mode):
-        """[(block, position in block, "plain" | "asag")]"""
+    def classify(self, n_text, joint_mode, real_keys=None):
+        """[(block, position in block, "plain" | "asag")]; ``real_keys``: the key-padding mask of
+        the joint self-attention calls, if any."""
         out, position, last_entry = [], 0, None
         for c in self.calls:
             q, k, v = c["args"][:3]
@@ -60,11 +61,12 @@ class DiTAttnRecorder:
             else:
                 q, k, v = (heads_first(t, heads) for t in (q, k, v))
                 got = heads_first(c["out"], heads)
-            plain = softmax64(q, k, v)
+            mask = real_keys if q.shape[2] == k.shape[2] else None
+            plain = softmax64(q, k, v, real_keys=mask)
             e_plain = rel_err(got, plain)
             e_asag = float("inf")
             if q.shape[2] == k.shape[2]:
-                e_asag = rel_err(got, joint64(q, k, v, n_text(c["block"], q.shape[2]), joint_mode))
+                e_asag = rel_err(got, joint64(q, k, v, n_text(c["block"], q.shape[2]), joint_mode, real_keys=mask))
             assert min(e_plain, e_asag) < TOL, f"{c['block']}: neither softmax ({e_plain:.2e}) nor ASAG ({e_asag:.2e})"
             assert max(e_plain, e_asag) > 1e-2, f"{c['block']}: softmax and ASAG too close to tell apart"
             position = position + 1 if c["entry"] == last_entry else 0
@@ -153,3 +155,32 @@ def test_dit_bad_inputs(asag_nodes, kind, inputs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         asag_nodes[2]().patch(model, **inputs)
     assert len(model.model_options.get("sampler_post_cfg_function", [])) == n_post
+
+
+@pytest.mark.parametrize("joint_mode", ["image", "joint"])
+def test_flux_key_padding_mask_is_honoured(asag_nodes, dit_recorder, joint_mode):
+    """Padded text keys (a Flux attention mask that drops keys for every query) get no mass in the
+    perturbed attention either."""
+    n = TEXT_TOKENS + 16  # 8x8 latent, patch 2
+    real = torch.ones(n, dtype=torch.bool)
+    real[TEXT_TOKENS - 2:TEXT_TOKENS] = False
+    # Additive (0 / -inf), as masking nodes make them (ComfyUI's CPU attention mishandles 3-D bool masks).
+    mask = torch.zeros(1, n, n).masked_fill(~real, float("-inf"))
+    model = tiny_flux()
+    (patched,) = asag_nodes[2]().patch(model, double_layers="1", single_layers="1", joint_mode=joint_mode)
+    rec = dit_recorder("flux", patched)
+    sample(patched, "flux", steps=2, extra_cond={"attention_mask": mask, "attention_mask_img_shape": (4, 4)})
+    calls = rec.classify(_text_tokens("flux"), joint_mode, real_keys=real)
+    asag = [(block, pos) for block, pos, k in calls if k == "asag"]
+    assert sorted(asag) == sorted([(("double_block", 1), 0), (("single_block", 1), 0)] * 2)
+
+
+def test_flux_mask_that_is_not_key_padding_raises(asag_nodes):
+    """A mask ASAG cannot honour (different per query) stops sampling with a clear error instead of
+    being ignored."""
+    n = TEXT_TOKENS + 16
+    mask = torch.zeros(1, n, n)
+    mask[:, TEXT_TOKENS:, :2] = float("-inf")  # image queries may not see the first two text tokens
+    (patched,) = asag_nodes[2]().patch(tiny_flux(), double_layers="0", single_layers="")
+    with pytest.raises(ValueError, match="not a key-padding mask"):
+        sample(patched, "flux", steps=1, extra_cond={"attention_mask": mask, "attention_mask_img_shape": (4, 4)})

@@ -105,9 +105,12 @@ def latent(kind: str, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def sample(model, kind: str, *, steps: int = 3, cfg: float = 2.5, seed: int = 0) -> torch.Tensor:
-    """Latents from ComfyUI's own KSampler path (comfy.sample.sample, euler, simple schedule)."""
+def sample(model, kind: str, *, steps: int = 3, cfg: float = 2.5, seed: int = 0, extra_cond: dict | None = None) -> torch.Tensor:
+    """Latents from ComfyUI's own KSampler path (comfy.sample.sample, euler, simple schedule);
+    ``extra_cond`` is added to both conditionings' dicts."""
     pos, neg = conditioning(kind, seed + 1)
+    for c in (pos, neg):
+        c[0][1].update(extra_cond or {})
     lat = torch.zeros_like(latent(kind, seed))
     noise = latent(kind, seed)
     with torch.inference_mode():
@@ -130,20 +133,31 @@ def sinkhorn64(q, k, v, *, num_iters=2, epsilon=1.0, scale=None):
     return torch.softmax(logits + g, dim=-1) @ v
 
 
-def softmax64(q, k, v, scale=None):
+def _masked_logits(q, k, scale, real_keys):
+    logits = scale * q @ k.transpose(-1, -2)
+    return logits if real_keys is None else logits.masked_fill(~real_keys, float("-inf"))
+
+
+def softmax64(q, k, v, scale=None, real_keys=None):
+    """Softmax attention in float64; ``real_keys``: None or bool [N_k] (False = padded key)."""
     q, k, v = (t.double() for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return torch.softmax(scale * q @ k.transpose(-1, -2), dim=-1) @ v
+    return torch.softmax(_masked_logits(q, k, scale, real_keys), dim=-1) @ v
 
 
-def joint64(q, k, v, n_text: int, joint_mode: str, **kw):
-    """ASAG's joint attention over [text | image] tokens, materialised in float64."""
-    if n_text == 0 or joint_mode == "joint":
+def joint64(q, k, v, n_text: int, joint_mode: str, real_keys=None, **kw):
+    """ASAG's joint attention over [text | image] tokens, materialised in float64; padded keys
+    (``real_keys`` False, text only here) take no part, padded queries get ordinary attention."""
+    if n_text == 0 or (joint_mode == "joint" and real_keys is None):
         return sinkhorn64(q, k, v, **kw)
     q, k, v = (t.double() for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])
-    soft = torch.softmax(scale * q @ k.transpose(-1, -2), dim=-1)
+    soft = torch.softmax(_masked_logits(q, k, scale, real_keys), dim=-1)
     out = soft @ v
+    if joint_mode == "joint":  # Sinkhorn over the real tokens
+        idx = real_keys.nonzero().flatten()
+        out[..., idx, :] = sinkhorn64(q[..., idx, :], k[..., idx, :], v[..., idx, :], **kw)
+        return out
     img = slice(n_text, q.shape[2])
     m = soft[..., img, img].sum(-1, keepdim=True)
     out[..., img, :] = soft[..., img, :n_text] @ v[..., :n_text, :] + m * sinkhorn64(q[..., img, :], k[..., img, :], v[..., img, :], **kw)
