@@ -36,12 +36,12 @@ def _rendezvous() -> str:
 
 
 def case(strategy, nq, nk, *, lead=(1, 2), d=16, dv=8, dtype=F32, cost="adversarial", num_iters=2,
-         potentials=True, backend="auto", epsilon=1.0, exact=False):
+         potentials=True, backend="auto", epsilon=1.0, exact=False, seed=None):
     """One check; `exact`: also bitwise equal to the single-process op with the same backend
     (Ulysses solves whole problems with the same fused call)."""
     return dict(exact=exact, strategy=strategy, nq=tuple(nq), nk=tuple(nk), lead=lead, d=d, dv=dv, dtype=dtype, cost=cost,
                 num_iters=num_iters, potentials=potentials, backend=backend, epsilon=epsilon,
-                seed=random.SystemRandom().randrange(2**31))
+                seed=random.SystemRandom().randrange(2**31) if seed is None else seed)
 
 
 def _shard(t, lengths, rank):
@@ -49,7 +49,8 @@ def _shard(t, lengths, rank):
     return t[..., start : start + lengths[rank], :]
 
 
-def check_case(c, rank):
+def check_case(c, rank, group=None):
+    """`rank`: this process's rank in `group` (None: the default group)."""
     gen = torch.Generator().manual_seed(c["seed"])
     lead, d, dv, dtype = c["lead"], c["d"], c["dv"], c["dtype"]
     q = torch.randn(*lead, sum(c["nq"]), d, generator=gen).to(dtype)
@@ -60,7 +61,7 @@ def check_case(c, rank):
     # Poison: the shards handed in are copies filled afterwards, so nothing of the inputs aliases the result.
     q_r, k_r, v_r = (_shard(t, c[n], rank).clone() for t, n in ((q, "nq"), (k, "nk"), (v, "nk")))
     asag_dist.reset_bytes_sent()
-    got = asag_dist.sinkhorn_attention(q_r, k_r, v_r, strategy=c["strategy"], backend=c["backend"],
+    got = asag_dist.sinkhorn_attention(q_r, k_r, v_r, group=group, strategy=c["strategy"], backend=c["backend"],
                                        return_potentials=c["potentials"], **kw)
     ctx = f"case {c} on rank {rank}"
     problems = math.prod(lead)
@@ -115,6 +116,22 @@ def check_errors(rank, world):
     assert out.shape == q.shape
 
 
+def check_subgroup(rank, world):
+    """A group that is not the default one: its members run (group ranks index the shards), the
+    others are told they are not members."""
+    members = [0, world - 1]
+    sub = dist.new_group(members)
+    seed = torch.tensor([random.SystemRandom().randrange(2**31)])
+    dist.broadcast(seed, 0)  # fresh inputs, the same on every rank
+    if rank not in members:
+        with pytest.raises(ValueError, match="not a member of the group"):
+            asag_dist.sinkhorn_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8),
+                                         group=sub)
+        return
+    for strategy in ("ring", "ulysses"):
+        check_case(case(strategy, [3, 5], [4, 2], seed=int(seed) + len(strategy)), dist.get_rank(sub), group=sub)
+
+
 def _worker(rank, world, init_method, cases, with_errors):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -129,6 +146,7 @@ def _worker(rank, world, init_method, cases, with_errors):
                     raise AssertionError(f"rank {rank}: {traceback.format_exc()}") from None
             if with_errors:
                 check_errors(rank, world)
+                check_subgroup(rank, world)
     finally:
         dist.destroy_process_group()
 
