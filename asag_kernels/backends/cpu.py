@@ -3,13 +3,17 @@
 The kernel caches rows of the Gibbs kernel exp(L − rowmax) within a workspace budget of
 ``ASAG_CPU_WORKSPACE_MB`` MiB (default 256, read at every call) and streams the remaining rows,
 recomputing their logits each pass; the budget never changes the result beyond float32 rounding.
+``ASAG_CPU_KEEP_WORKSPACE`` and ``ASAG_CPU_HUGEPAGES`` (read at every call) and ``ASAG_CPU_ISA``
+(read at import) are parsed here, through ``asag_kernels._env``, and handed to the extension.
+The extension releases the GIL while it computes.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .._env import env_choice, env_flag
+from .._env import workspace_bytes as _env_workspace_bytes
 
 try:
     from asag_kernels import _C_cpu as _ext
@@ -20,6 +24,10 @@ except ImportError as exc:  # not built (no compiler at install time, or a faile
     _IMPORT_ERROR = exc
 
 DEFAULT_WORKSPACE_MB = 256.0
+
+if _ext is not None:
+    # Read once, like the kernels' own start-up choice: "generic" forces the portable row kernels.
+    _ext.select_row_kernels(env_choice("ASAG_CPU_ISA", ("auto", "avx2", "generic"), "auto") != "generic")
 
 
 def status() -> str:
@@ -38,15 +46,31 @@ def supports(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def workspace_bytes() -> int:
     """The workspace budget in bytes, from ``ASAG_CPU_WORKSPACE_MB``."""
-    raw = os.environ.get("ASAG_CPU_WORKSPACE_MB", "")
-    try:
-        mb = float(raw) if raw.strip() else DEFAULT_WORKSPACE_MB
-    except ValueError:
-        raise ValueError(f"ASAG_CPU_WORKSPACE_MB must be a number of MiB, got {raw!r}") from None
-    if not mb >= 0 or mb == float("inf"):
-        raise ValueError(f"ASAG_CPU_WORKSPACE_MB must be a finite number >= 0, got {raw!r}")
-    return int(mb * 2**20)
+    return _env_workspace_bytes("ASAG_CPU_WORKSPACE_MB", DEFAULT_WORKSPACE_MB)
 
 
 def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
-    return _ext.sinkhorn_attention_cpu(q, k, v, num_iters, cost_sign * scale / epsilon, workspace_bytes())
+    return _ext.sinkhorn_attention_cpu(
+        q, k, v, num_iters, cost_sign * scale / epsilon, workspace_bytes(),
+        env_flag("ASAG_CPU_KEEP_WORKSPACE", True), env_flag("ASAG_CPU_HUGEPAGES", True),
+    )
+
+
+# ---- Per-pass building blocks (issue 13): 4-D [B, H, N, D] inputs, validated, any strides; bias
+# vectors contiguous float32; every pass streams its logits (bounded memory, deterministic). ----
+
+
+def row_lse(q, k, g, *, cost_sign, scale, epsilon):
+    """r[b, h, i] = LSE_j(L[i, j] + g[b, h, j]) -> [B, H, Nq] float32; g [B, H, Nk]."""
+    return _ext.row_lse_cpu(q, k, g.float().contiguous(), cost_sign * scale / epsilon)
+
+
+def col_lse(q, k, f, *, cost_sign, scale, epsilon):
+    """c[b, h, j] = LSE_i(L[i, j] + f[b, h, i]) -> [B, H, Nk] float32; f [B, H, Nq]."""
+    return _ext.col_lse_cpu(q, k, f.float().contiguous(), cost_sign * scale / epsilon)
+
+
+def biased_attention(q, k, v, g, *, cost_sign, scale, epsilon):
+    """(out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32) with out_i = Σ_j softmax_j(L_ij + g_j)·v_j;
+    a row whose entries are all -inf gives lse = -inf and out = 0."""
+    return _ext.biased_attention_cpu(q, k, v, g.float().contiguous(), cost_sign * scale / epsilon)

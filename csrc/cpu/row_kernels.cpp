@@ -5,8 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -19,6 +17,9 @@ namespace cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Row sums are float32 lane sums over blocks of this many elements, added up in double: a plain
+// float32 running sum of n same-sign terms drifts by up to ~n·ulp (7e-5 relative at n = 16384).
+constexpr int64_t kSumBlock = 256;
 
 // ---------------------------------------------------------------------------------------------
 // Portable versions.
@@ -32,21 +33,21 @@ RowStats exp_row_generic(const float* x, const float* bias, float* e, int64_t n)
     m = t > m ? t : m;
   }
   if (nan) m = std::numeric_limits<float>::quiet_NaN();
-  float s = 0.0f;
+  double s = 0.0;  // a long float32 sum of same-sign terms drifts by ~n·ulp (see kSumBlock)
   for (int64_t j = 0; j < n; ++j) {
     const float t = std::exp(x[j] + (bias ? bias[j] : 0.0f) - m);
     e[j] = t;
     s += t;
   }
-  return {m, s};
+  return {m, float(s)};
 }
 
 void dot_rows_generic(const float* rows, int64_t ld, int64_t nrows, const float* x, int64_t n, float* out) {
   for (int64_t r = 0; r < nrows; ++r) {
     const float* row = rows + r * ld;
-    float s = 0.0f;
-    for (int64_t j = 0; j < n; ++j) s += row[j] * x[j];
-    out[r] = s;
+    double s = 0.0;
+    for (int64_t j = 0; j < n; ++j) s += double(row[j]) * double(x[j]);
+    out[r] = float(s);
   }
 }
 
@@ -130,76 +131,93 @@ ASAG_AVX2 RowStats exp_row_avx2(const float* x, const float* bias, float* e, int
     const float t = x[j] + (bias ? bias[j] : 0.0f);
     m = t > m ? t : m;
   }
-  // Pass 2: exponentials and their sum.
+  // Pass 2: exponentials and their sum; lane sums are flushed into a double every kSumBlock
+  // elements, so the sum's rounding error stays that of a kSumBlock/16-term sum at any n.
   const __m256 vm = _mm256_set1_ps(m);
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  double total = 0.0;
   j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m256 e0 = exp8(_mm256_sub_ps(load_sum(x, bias, j), vm));
-    const __m256 e1 = exp8(_mm256_sub_ps(load_sum(x, bias, j + 8), vm));
-    _mm256_storeu_ps(e + j, e0);
-    _mm256_storeu_ps(e + j + 8, e1);
-    s0 = _mm256_add_ps(s0, e0);
-    s1 = _mm256_add_ps(s1, e1);
+  while (j + 16 <= n) {
+    const int64_t block_end = std::min(n, j + kSumBlock);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    for (; j + 16 <= block_end; j += 16) {
+      const __m256 e0 = exp8(_mm256_sub_ps(load_sum(x, bias, j), vm));
+      const __m256 e1 = exp8(_mm256_sub_ps(load_sum(x, bias, j + 8), vm));
+      _mm256_storeu_ps(e + j, e0);
+      _mm256_storeu_ps(e + j + 8, e1);
+      s0 = _mm256_add_ps(s0, e0);
+      s1 = _mm256_add_ps(s1, e1);
+    }
+    total += hsum8(_mm256_add_ps(s0, s1));
   }
   for (; j + 8 <= n; j += 8) {
     const __m256 e0 = exp8(_mm256_sub_ps(load_sum(x, bias, j), vm));
     _mm256_storeu_ps(e + j, e0);
-    s0 = _mm256_add_ps(s0, e0);
+    total += hsum8(e0);
   }
-  float s = hsum8(_mm256_add_ps(s0, s1));
   for (; j < n; ++j) {
     const float t = std::exp(x[j] + (bias ? bias[j] : 0.0f) - m);
     e[j] = t;
-    s += t;
+    total += t;
   }
+  const float s = float(total);
   return {m, s};
 }
 
 ASAG_AVX2 void dot_rows_avx2(const float* rows, int64_t ld, int64_t nrows, const float* x, int64_t n, float* out) {
+  // Lane sums flushed into doubles every kSumBlock elements (see exp_row_avx2).
   int64_t r = 0;
   for (; r + 4 <= nrows; r += 4) {
     const float* p0 = rows + r * ld;
     const float* p1 = p0 + ld;
     const float* p2 = p1 + ld;
     const float* p3 = p2 + ld;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p0 + j), x0, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + j), x0, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + j), x0, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + j), x0, a3);
-      b0 = _mm256_fmadd_ps(_mm256_loadu_ps(p0 + j + 8), x1, b0);
-      b1 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + j + 8), x1, b1);
-      b2 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + j + 8), x1, b2);
-      b3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + j + 8), x1, b3);
+    while (j + 16 <= n) {
+      const int64_t block_end = std::min(n, j + kSumBlock);
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      for (; j + 16 <= block_end; j += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p0 + j), x0, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + j), x0, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + j), x0, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + j), x0, a3);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(p0 + j + 8), x1, b0);
+        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(p1 + j + 8), x1, b1);
+        b2 = _mm256_fmadd_ps(_mm256_loadu_ps(p2 + j + 8), x1, b2);
+        b3 = _mm256_fmadd_ps(_mm256_loadu_ps(p3 + j + 8), x1, b3);
+      }
+      s0 += hsum8(_mm256_add_ps(a0, b0));
+      s1 += hsum8(_mm256_add_ps(a1, b1));
+      s2 += hsum8(_mm256_add_ps(a2, b2));
+      s3 += hsum8(_mm256_add_ps(a3, b3));
     }
-    float s0 = hsum8(_mm256_add_ps(a0, b0)), s1 = hsum8(_mm256_add_ps(a1, b1));
-    float s2 = hsum8(_mm256_add_ps(a2, b2)), s3 = hsum8(_mm256_add_ps(a3, b3));
     for (; j < n; ++j) {
       s0 += p0[j] * x[j];
       s1 += p1[j] * x[j];
       s2 += p2[j] * x[j];
       s3 += p3[j] * x[j];
     }
-    out[r] = s0;
-    out[r + 1] = s1;
-    out[r + 2] = s2;
-    out[r + 3] = s3;
+    out[r] = float(s0);
+    out[r + 1] = float(s1);
+    out[r + 2] = float(s2);
+    out[r + 3] = float(s3);
   }
   for (; r < nrows; ++r) {
     const float* p = rows + r * ld;
-    __m256 a = _mm256_setzero_ps(), b = a;
+    double s = 0.0;
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      a = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(x + j), a);
-      b = _mm256_fmadd_ps(_mm256_loadu_ps(p + j + 8), _mm256_loadu_ps(x + j + 8), b);
+    while (j + 16 <= n) {
+      const int64_t block_end = std::min(n, j + kSumBlock);
+      __m256 a = _mm256_setzero_ps(), b = a;
+      for (; j + 16 <= block_end; j += 16) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(x + j), a);
+        b = _mm256_fmadd_ps(_mm256_loadu_ps(p + j + 8), _mm256_loadu_ps(x + j + 8), b);
+      }
+      s += hsum8(_mm256_add_ps(a, b));
     }
-    float s = hsum8(_mm256_add_ps(a, b));
     for (; j < n; ++j) s += p[j] * x[j];
-    out[r] = s;
+    out[r] = float(s);
   }
 }
 
@@ -248,22 +266,20 @@ struct RowKernels {
   const char* isa;
 };
 
-RowKernels pick_kernels() {
+RowKernels pick_kernels(bool allow_avx2) {
 #ifdef ASAG_HAVE_AVX2_PATH
-  // ASAG_CPU_ISA=generic forces the portable path (tests use it to check that path on AVX2 hosts).
-  const char* forced = std::getenv("ASAG_CPU_ISA");
-  const bool allow_avx2 = !(forced && std::strcmp(forced, "generic") == 0);
   __builtin_cpu_init();
   if (allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return {exp_row_avx2, dot_rows_avx2, accumulate_rows_avx2, exp_shifted_avx2, scale_inplace_avx2, "avx2"};
   }
 #endif
+  (void)allow_avx2;
   return {exp_row_generic, dot_rows_generic, accumulate_rows_generic, exp_shifted_generic, scale_inplace_generic,
           "generic"};
 }
 
-const RowKernels& kernels() {
-  static const RowKernels k = pick_kernels();
+RowKernels& kernels() {
+  static RowKernels k = pick_kernels(true);
   return k;
 }
 
@@ -284,6 +300,11 @@ void exp_shifted(const float* x, float shift, float* out, int64_t n) { kernels()
 void scale_inplace(float* x, float c, int64_t n) { kernels().scale_inplace(x, c, n); }
 
 const char* row_kernels_isa() { return kernels().isa; }
+
+const char* select_row_kernels(bool allow_avx2) {
+  kernels() = pick_kernels(allow_avx2);
+  return kernels().isa;
+}
 
 }  // namespace cpu
 }  // namespace asag

@@ -12,8 +12,8 @@
 //  * cached: the first sweep stores the row of the Gibbs kernel E_ij = exp(L_ij − m_i)
 //    (m_i = max_j L_ij) in the workspace. Later sweeps are then matrix-vector products with no
 //    exponential: LSE_j(L_ij + g_j) = m_i + G + log Σ_j E_ij exp(g_j − G), and the column sums
-//    Σ_i E_ij exp(m_i + f_i − U). The final pass is one GEMM E · [w ⊙ V | w] with w = exp(g − G)
-//    giving numerator and normaliser together.
+//    Σ_i E_ij exp(m_i + f_i − U). The final pass is one GEMM E · (w ⊙ V) with w = exp(g − G) for
+//    the numerators, and the normalisers E · w from dot_rows (accurate sums at any Nk).
 //  * streamed: every sweep recomputes the row's logits with a GEMM, subtracts its exact max and
 //    exponentiates (always accurate: the row sum is ≥ 1).
 // As many rows as the workspace budget allows are cached, the same number in every segment so the
@@ -41,14 +41,17 @@
 #include <vector>
 
 #include "asag/cpu_rows.h"
-
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+#include "asag/online_lse.h"
+#include "cpu_gemm.h"
 
 namespace {
 
+using asag::cpu::RowMajor;
 using asag::cpu::RowStats;
+using asag::cpu::as_row_major_f32;
+using asag::cpu::value_scale;
+using asag::cpu::gemm_ab;
+using asag::cpu::gemm_abt;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -56,57 +59,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int64_t kGemmRows = 64;      // rows of logits produced per GEMM call
 constexpr float kFlushLog2 = -124.0f;  // log2 bound of one flushed term (2^-126, with slack)
 constexpr float kTrustLog2 = 30.0f;    // a sum must exceed its flush bound by 2^30 to be used
-
-// ---------------------------------------------------------------------------------------------
-// Row-major GEMMs on raw pointers: MKL/BLAS sgemm where torch exports it, else at::mm.
-
-bool blas_dims_ok(std::initializer_list<int64_t> dims) {
-  for (int64_t d : dims)
-    if (d > INT_MAX) return false;
-  return sgemm_ != nullptr;
-}
-
-// C[m×n] = alpha · A[m×k] · B[n×k]ᵀ
-void gemm_abt(int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda, const float* B,
-              int64_t ldb, float* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
-    return;
-  }
-  if (blas_dims_ok({m, n, k, lda, ldb, ldc})) {
-    const char tb = 'T', ta = 'N';
-    const int M = int(n), N = int(m), K = int(k), LB = int(ldb), LA = int(lda), LC = int(ldc);
-    const float beta = 0.0f;
-    sgemm_(&tb, &ta, &M, &N, &K, &alpha, B, &LB, A, &LA, &beta, C, &LC);
-    return;
-  }
-  auto a = at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, at::kFloat);
-  auto b = at::from_blob(const_cast<float*>(B), {n, k}, {ldb, 1}, at::kFloat);
-  auto c = at::from_blob(C, {m, n}, {ldc, 1}, at::kFloat);
-  c.copy_(at::mm(a, b.t()).mul_(alpha));
-}
-
-// C[m×n] = A[m×k] · B[k×n]
-void gemm_ab(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-             int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
-    return;
-  }
-  if (blas_dims_ok({m, n, k, lda, ldb, ldc})) {
-    const char t = 'N';
-    const int M = int(n), N = int(m), K = int(k), LB = int(ldb), LA = int(lda), LC = int(ldc);
-    const float one = 1.0f, beta = 0.0f;
-    sgemm_(&t, &t, &M, &N, &K, &one, B, &LB, A, &LA, &beta, C, &LC);
-    return;
-  }
-  auto a = at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, at::kFloat);
-  auto b = at::from_blob(const_cast<float*>(B), {k, n}, {ldb, 1}, at::kFloat);
-  auto c = at::from_blob(C, {m, n}, {ldc, 1}, at::kFloat);
-  c.copy_(at::mm(a, b));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Small scalar helpers (NaN-propagating).
@@ -124,20 +76,9 @@ inline float finite_or_nan(float x) { return std::isinf(x) ? kNaN : x; }
 
 // Running (max, sum) merge: sum is Σ exp(x − max).
 inline void merge_lse(float& m, float& s, float m2, float s2) {
-  if (std::isnan(m2) || std::isnan(s2) || std::isnan(m) || std::isnan(s)) {
-    m = kNaN;
-    s = kNaN;
-    return;
-  }
-  if (m2 == kNegInf) return;
-  if (m == kNegInf) {
-    m = m2;
-    s = s2;
-    return;
-  }
-  const float nm = std::max(m, m2);
-  s = s * std::exp(m - nm) + s2 * std::exp(m2 - nm);
-  m = nm;
+  const asag::OnlineLse r = asag::lse_merge({m, s}, {m2, s2});
+  m = r.m;
+  s = r.s;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,6 +100,9 @@ struct Head {
   float* f;    // [nq]
   float* g;    // [nk]
   float* out;  // [nq × dv], contiguous
+  // v was divided by this power of two (1 unless Nk·max|v| could overflow float32 sums): the
+  // unnormalised sums Σ_j e_j v_j reach Nk·max|v|, so any finite v must stay finite (SPEC §4).
+  float v_scale;
 };
 
 // The work split, fixed by the shapes and the budget only.
@@ -282,12 +226,13 @@ class HeadSolver {
       if (write_f) h_.f[ids[r]] = p_.log_a - st.max - std::log(st.sum);
     }
     gemm_ab(n, p_.dv, p_.nk, buf, p_.nk, h_.v, h_.ldv, sc.product.data(), p_.dv);
-    for (int64_t r = 0; r < n; ++r) {
-      const float inv = 1.0f / sc.sums[r];
-      const float* src = sc.product.data() + r * p_.dv;
-      float* dst = h_.out + ids[r] * p_.dv;
-      for (int64_t c = 0; c < p_.dv; ++c) dst[c] = finite_or_nan(src[c] * inv);
-    }
+    for (int64_t r = 0; r < n; ++r) write_out_row(sc.product.data() + r * p_.dv, sc.sums[r], h_.out + ids[r] * p_.dv);
+  }
+
+  // out row = numerator / normaliser, times the head's value scale (see Head::v_scale).
+  void write_out_row(const float* num, float norm, float* dst) const {
+    const float inv = 1.0f / norm;
+    for (int64_t c = 0; c < p_.dv; ++c) dst[c] = finite_or_nan(num[c] * inv * h_.v_scale);
   }
 
   template <typename Fn>
@@ -442,7 +387,7 @@ class HeadSolver {
     });
   }
 
-  // out = softmax_j(L_ij + g_j) · V. Cached rows: one GEMM E · [w ⊙ V | w].
+  // out = softmax_j(L_ij + g_j) · V. Cached rows: one GEMM E · (w ⊙ V), normalisers E · w.
   void final_pass(bool with_g, bool write_f) {
     const int64_t nc_any = plan_.cached_rows;
     const int64_t dvp = p_.dv + 1;
@@ -472,17 +417,19 @@ class HeadSolver {
         sc.redo.clear();
         for (int64_t c0 = 0; c0 < nc; c0 += kGemmRows) {
           const int64_t n = std::min(kGemmRows, nc - c0);
-          gemm_ab(n, dvp, p_.nk, cache_row(s, c0), p_.nk, v_weighted_, dvp, sc.product.data(), dvp);
+          // The normaliser Σ_j E_ij w_j comes from dot_rows (blocked, double across blocks), not
+          // from a w column in the GEMM: BLAS sums that column's Nk same-sign terms in one float32
+          // running sum, off by ~Nk·ulp (7e-5 at Nk = 16384 when a row's plan is flat, e.g. Nq = 1).
+          gemm_ab(n, p_.dv, p_.nk, cache_row(s, c0), p_.nk, v_weighted_, dvp, sc.product.data(), dvp);
+          asag::cpu::dot_rows(cache_row(s, c0), p_.nk, n, col_w_, p_.nk, sc.sums.data());
           for (int64_t r = 0; r < n; ++r) {
             const float* src = sc.product.data() + r * dvp;
-            const float norm = src[p_.dv];
+            const float norm = sc.sums[r];
             if (norm < row_floor) {
               sc.redo.push_back(r0 + c0 + r);
               continue;
             }
-            const float inv = 1.0f / norm;
-            float* dst = h_.out + (r0 + c0 + r) * p_.dv;
-            for (int64_t c = 0; c < p_.dv; ++c) dst[c] = finite_or_nan(src[c] * inv);
+            write_out_row(src, norm, h_.out + (r0 + c0 + r) * p_.dv);
           }
         }
         for_rows_in_blocks(sc.redo.data(), int64_t(sc.redo.size()),
@@ -510,7 +457,7 @@ class HeadSolver {
 // them on request) cut its page faults and TLB misses.
 class HugePageBuffer {
  public:
-  explicit HugePageBuffer(size_t floats) {
+  HugePageBuffer(size_t floats, bool huge) {
     if (floats == 0) return;
     constexpr size_t kAlign = size_t(2) << 20;
     const size_t bytes = (floats * sizeof(float) + kAlign - 1) / kAlign * kAlign;
@@ -518,11 +465,9 @@ class HugePageBuffer {
     TORCH_CHECK(posix_memalign(&p, kAlign, bytes) == 0 && p, "sinkhorn_attention_cpu: cannot allocate ", bytes,
                 " bytes of workspace");
 #ifdef MADV_HUGEPAGE
-    static const bool huge = [] {
-      const char* e = std::getenv("ASAG_CPU_HUGEPAGES");
-      return !(e && e[0] == '0');
-    }();
     if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure only costs speed
+#else
+    (void)huge;
 #endif
     ptr_ = static_cast<float*>(p);
   }
@@ -538,7 +483,8 @@ class HugePageBuffer {
 // The cache outlives a call (one buffer, reused by the next call that fits in it) so that a call
 // does not pay for faulting in and zeroing fresh pages: that cost is as large as a whole cached
 // sweep. It never exceeds the workspace budget of the call that sized it. A call that finds it in
-// use by another thread allocates its own. ASAG_CPU_KEEP_WORKSPACE=0 frees it after every call.
+// use by another thread allocates its own. keep_workspace = false (ASAG_CPU_KEEP_WORKSPACE=0, read
+// by the Python module like every ASAG_* variable) frees it after every call.
 struct KeptCache {
   std::mutex mutex;
   std::unique_ptr<HugePageBuffer> buffer;
@@ -548,33 +494,6 @@ struct KeptCache {
 KeptCache& kept_cache() {
   static KeptCache* kept = new KeptCache();  // leaked on purpose: no teardown-order issues at exit
   return *kept;
-}
-
-bool keep_workspace() {
-  static const bool keep = [] {
-    const char* e = std::getenv("ASAG_CPU_KEEP_WORKSPACE");
-    return !(e && e[0] == '0');
-  }();
-  return keep;
-}
-
-// A [n × width] float32 view with unit column stride usable as a GEMM operand, or a float32 copy.
-struct RowMajor {
-  at::Tensor holder;
-  const float* ptr;
-  int64_t ld;
-};
-
-RowMajor as_row_major_f32(const at::Tensor& t) {
-  const int64_t n = t.size(0), width = t.size(1);
-  at::Tensor x = t;
-  const bool unit_cols = width <= 1 || x.stride(1) == 1;
-  int64_t ld = n <= 1 ? std::max<int64_t>(width, 1) : x.stride(0);
-  if (x.scalar_type() != at::kFloat || !unit_cols || ld < std::max<int64_t>(width, 1)) {
-    x = t.to(at::kFloat).contiguous();
-    ld = std::max<int64_t>(width, 1);
-  }
-  return {x, x.data_ptr<float>(), ld};
 }
 
 void check_input(const at::Tensor& t, const char* name) {
@@ -588,7 +507,8 @@ void check_input(const at::Tensor& t, const char* name) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                       const at::Tensor& v, int64_t num_iters,
-                                                                      double logit_scale, int64_t workspace_bytes) {
+                                                                      double logit_scale, int64_t workspace_bytes,
+                                                                      bool keep_workspace, bool hugepages) {
   check_input(q, "q");
   check_input(k, "k");
   check_input(v, "v");
@@ -603,8 +523,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
   TORCH_CHECK_VALUE(k.size(3) == d, "sinkhorn_attention_cpu: k's last dim must equal q's (", d, "), got ", k.size(3));
   TORCH_CHECK_VALUE(v.size(2) == nk, "sinkhorn_attention_cpu: v must have k's ", nk, " rows, got ", v.size(2));
   TORCH_CHECK_VALUE(nk > 0, "sinkhorn_attention_cpu: k must have at least one row (Nk = 0)");
-  TORCH_CHECK_VALUE(num_iters >= 0 && num_iters <= INT_MAX, "sinkhorn_attention_cpu: num_iters must be >= 0, got ",
-                    num_iters);
+  TORCH_CHECK_VALUE(num_iters >= 0 && num_iters <= INT_MAX,
+                    "sinkhorn_attention_cpu: num_iters must be an int in [0, 2147483647], got ", num_iters);
   TORCH_CHECK_VALUE(std::isfinite(logit_scale), "sinkhorn_attention_cpu: logit_scale must be finite, got ",
                     logit_scale);
   TORCH_CHECK_VALUE(workspace_bytes >= 0, "sinkhorn_attention_cpu: workspace_bytes must be >= 0, got ",
@@ -671,10 +591,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
   if (cache_floats > 0) {
     KeptCache& kept = kept_cache();
     std::unique_lock<std::mutex> lock(kept.mutex, std::try_to_lock);
-    if (keep_workspace() && lock.owns_lock()) {
+    if (keep_workspace && lock.owns_lock()) {
       if (kept.floats < cache_floats) {
         kept.buffer.reset();
-        kept.buffer = std::make_unique<HugePageBuffer>(cache_floats);
+        kept.buffer = std::make_unique<HugePageBuffer>(cache_floats, hugepages);
         kept.floats = cache_floats;
       }
       cache_base = kept.buffer->data();
@@ -684,7 +604,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
         kept.buffer.reset();
         kept.floats = 0;
       }
-      own_cache = std::make_unique<HugePageBuffer>(cache_floats);
+      own_cache = std::make_unique<HugePageBuffer>(cache_floats, hugepages);
       cache_base = own_cache->data();
     }
   }
@@ -708,7 +628,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
     const int64_t b = bh / H, hh = bh % H;
     const RowMajor qh = as_row_major_f32(q[b][hh]);
     const RowMajor kh = as_row_major_f32(k[b][hh]);
-    const RowMajor vh = as_row_major_f32(v[b][hh]);
+    RowMajor vh = as_row_major_f32(v[b][hh]);
+    const float v_scale = value_scale(vh, nk, dv);
+    if (v_scale != 1.0f) {
+      at::Tensor scaled = v[b][hh].to(at::kFloat).div(double(v_scale)).contiguous();
+      vh = {scaled, scaled.data_ptr<float>(), std::max<int64_t>(dv, 1)};
+    }
     Head head{qh.ptr,
               qh.ld,
               kh.ptr,
@@ -717,7 +642,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
               vh.ld,
               f[b][hh].data_ptr<float>(),
               g[b][hh].data_ptr<float>(),
-              out_direct ? out[b][hh].data_ptr<float>() : w.out_f32.data_ptr<float>()};
+              out_direct ? out[b][hh].data_ptr<float>() : w.out_f32.data_ptr<float>(),
+              v_scale};
     w.solver->solve(head);
     if (!out_direct) out[b][hh].copy_(w.out_f32);
   };
@@ -735,12 +661,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_attention_cpu(const at::
 
 }  // namespace
 
+void define_block_passes(py::module_& m);  // blocks_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU Sinkhorn attention (asag_kernels backend 'cpu')";
+  // The GIL is released while computing: other Python threads run, and calls from several threads
+  // overlap. Tensors are only touched through ATen inside.
   m.def("sinkhorn_attention_cpu", &sinkhorn_attention_cpu, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("num_iters"), py::arg("logit_scale"), py::arg("workspace_bytes"),
+        py::arg("keep_workspace") = true, py::arg("hugepages") = true, py::call_guard<py::gil_scoped_release>(),
         "Sinkhorn attention on 4-D [B, H, N, D] CPU tensors (float16/bfloat16/float32). Returns (out, f, g): out "
         "[B, H, Nq, Dv] in q's dtype, f [B, H, Nq] and g [B, H, Nk] in float32. logit_scale = cost_sign * scale / "
-        "epsilon; workspace_bytes bounds the cached Gibbs-kernel rows (beyond it rows are streamed).");
+        "epsilon; workspace_bytes bounds the cached Gibbs-kernel rows (beyond it rows are streamed); keep_workspace "
+        "keeps the cache for the next call; hugepages asks for 2 MiB pages.");
   m.def("row_kernels_isa", &asag::cpu::row_kernels_isa, "Which row-kernel implementation runs here: avx2 or generic");
+  m.def("select_row_kernels", &asag::cpu::select_row_kernels, py::arg("allow_avx2"),
+        "Re-pick the row kernels (allow_avx2=False forces generic) before any call; returns the one picked");
+  define_block_passes(m);
 }

@@ -1,7 +1,8 @@
 // Row primitives of the CPU kernel (no PyTorch dependency). Each is implemented twice in
 // csrc/cpu/row_kernels.cpp: a portable version and an AVX2+FMA version picked once at run time,
 // so the shipped build needs no -march flag. Every reduction runs in a fixed order, so results
-// are bitwise reproducible on a given machine.
+// are bitwise reproducible on a given machine. Row sums (exp_row, dot_rows) are accumulated in
+// float32 over short blocks and in double across blocks, accurate at any row length.
 #pragma once
 
 #include <cstdint>
@@ -32,6 +33,10 @@ void scale_inplace(float* x, float c, int64_t n);
 
 // Which implementation the dispatcher picked: "avx2" or "generic".
 const char* row_kernels_isa();
+
+// Re-pick the implementation (allow_avx2 = false forces "generic"); returns the one picked. Call
+// it before any kernel runs (the Python module does so at import, from ASAG_CPU_ISA).
+const char* select_row_kernels(bool allow_avx2);
 
 }  // namespace cpu
 }  // namespace asag

@@ -42,6 +42,17 @@ ASAG_HD OnlineLse lse_merge2(OnlineLse a, OnlineLse b) {
   return {m, a.s * rescale2(a.m, m) + b.s * rescale2(b.m, m)};
 }
 
+// Merge two natural-log running states. NaN in either makes both fields NaN; an empty state
+// (m = -inf) leaves the other as it is.
+ASAG_HD OnlineLse lse_merge(OnlineLse a, OnlineLse b) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (a.m != a.m || a.s != a.s || b.m != b.m || b.s != b.s) return {nan, nan};
+  if (b.m == -std::numeric_limits<float>::infinity()) return a;
+  if (a.m == -std::numeric_limits<float>::infinity()) return b;
+  const float m = fmaxf(a.m, b.m);
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
 // log2 of the running sum: m + log2(s).
 ASAG_HD float lse_value2(OnlineLse a) {
   return a.m == -std::numeric_limits<float>::infinity() ? a.m : a.m + log2f(a.s);
