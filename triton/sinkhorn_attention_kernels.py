@@ -38,12 +38,13 @@ overflow a float32 sum, and keep unnormalised weights (which stay clear of float
 Tile starts are 64-bit, offsets inside a tile 32-bit.
 
 Configurations: ``choose_configs`` is the one place that decides which tiles a launch may use. On a
-GPU the autotuner's candidates are pruned to the device's shared memory (stages shrink first), and
-below ``AUTOTUNE_MIN_SIZE`` rows or columns, or with ``ASAG_TRITON_AUTOTUNE=0``, only the pinned
-configuration of ``PINNED`` for the (architecture, head dim) runs — chosen by
-``benchmarks/triton_compile_sweep.py`` as one that compiles without register spills. Under
-``TRITON_INTERPRET=1`` one small configuration runs, unless ``forced_config`` pins another (the
-tests force every candidate at small sizes that way).
+GPU the candidates that ``benchmarks/triton_compile_sweep.py`` saw spill registers on the
+architecture at that head dim (``SPILLING``) are left out and the rest are fitted to the device's
+shared memory (stages shrink first); below ``AUTOTUNE_MIN_SIZE`` rows or columns, or with
+``ASAG_TRITON_AUTOTUNE=0``, only the pinned configuration runs (a ``PINNED`` entry, else the first
+candidate left), launched directly without the autotuner. Under ``TRITON_INTERPRET=1`` one small
+configuration runs, unless ``forced_config`` pins another (the tests force every candidate at small
+sizes that way).
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ SPILLING: dict[tuple[str, int, int, str], set[tuple[int, int, int]]] = {
     ("attention", 80, 128, "tf32"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (128, 128, 8), (64, 128, 4)},
     ("potential", 90, 128, "tf32"): {(128, 128, 4)},
     ("attention", 90, 128, "tf32"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
+    ("potential", 80, 256, "16bit"): {(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 128, 4)},
+    # Open: 16-bit attention at D = 256 on sm_80 spills in every candidate; the first is kept so
+    # that something launches.
+    ("attention", 80, 256, "16bit"): {(128, 64, 4), (128, 32, 4), (64, 64, 4)},
+    ("potential", 90, 256, "16bit"): {(128, 128, 4)},
+    ("attention", 90, 256, "16bit"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
 }
 
 # Below this many rows or columns a pass is too short for the tile choice to matter; the pinned
