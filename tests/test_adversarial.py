@@ -240,3 +240,23 @@ def test_cpu_isa_env_is_checked_at_import():
                           env=dict(os.environ, ASAG_CPU_ISA="generic"), capture_output=True, text=True, timeout=120)
     assert good.returncode == 0 and good.stdout.strip() == "generic", good.stdout + good.stderr
 
+
+
+def test_per_test_timeout_fails_a_hung_test(tmp_path):
+    """conftest's timeout turns a test that never returns into a failure naming the limit."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    shutil.copy(os.path.join(os.path.dirname(__file__), "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hang():\n    time.sleep(120)\n")
+    env = dict(os.environ, ASAG_TEST_TIMEOUT_S="3")
+    env.pop("ASAG_REQUIRE_BACKENDS", None)
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_hang.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
+    assert done.returncode != 0 and "ran past ASAG_TEST_TIMEOUT_S=3" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert elapsed < 100, f"the hung test was not stopped early ({elapsed:.0f} s)"
