@@ -260,3 +260,25 @@ def test_per_test_timeout_fails_a_hung_test(tmp_path):
     elapsed = time.monotonic() - t0
     assert done.returncode != 0 and "ran past ASAG_TEST_TIMEOUT_S=3" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     assert elapsed < 100, f"the hung test was not stopped early ({elapsed:.0f} s)"
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_fuzz_without_hypothesis_skips_or_fails_in_ci(tmp_path, ci):
+    """tests/test_fuzz.py without hypothesis: a skip with the reason locally, a failure under CI."""
+    import os
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "hypothesis"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('hypothesis hidden by the test')\n")
+    tests_dir = os.path.dirname(__file__)
+    env = dict(os.environ, CI=ci, PYTHONPATH=os.pathsep.join([str(tmp_path), tests_dir, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", os.path.join(tests_dir, "test_fuzz.py")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert "hypothesis is not installed" in out, out[-2000:]
+    if ci:
+        assert done.returncode != 0 and "failed" in out, out[-2000:]
+    else:
+        assert done.returncode in (0, 5) and "skipped" in out, out[-2000:]  # 5: nothing collected (a module skip)

@@ -9,7 +9,6 @@ dependency: without it this module skips with the reason, and fails under CI (en
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -18,7 +17,12 @@ import torch
 from asag_kernels import backends, sinkhorn_attention
 from conftest import DEVICE, TOLERANCES, max_abs_err, rel_err, require_backend
 
-_HAVE_HYPOTHESIS = importlib.util.find_spec("hypothesis") is not None
+try:
+    import hypothesis  # noqa: F401
+
+    _HAVE_HYPOTHESIS = True
+except ImportError:
+    _HAVE_HYPOTHESIS = False
 _IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 if not _HAVE_HYPOTHESIS:
