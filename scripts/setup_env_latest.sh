@@ -60,8 +60,8 @@ pkg_stamp=$( { python -c "import torch; print(torch.__version__)"; echo "${ASAG_
 if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || [ "${ASAG_REINSTALL:-0}" = 1 ] \
    || ! (cd / && python -c "import asag_kernels._C_cpu") 2>/dev/null; then
   # A persistent staging copy: files whose content did not change keep their time stamps, so the
-  # extension's ninja build in $stage/build recompiles only what changed (a Python-only change
-  # reinstalls without compiling).
+  # extension's ninja build in $stage/build can reuse objects (seen for the torch-free row kernels;
+  # the translation units that include torch/extension.h were recompiled on every reinstall).
   stage="$LATEST_VENV/.asag-build-src"
   mkdir -p "$stage"
   for f in "${pkg_files[@]}"; do
