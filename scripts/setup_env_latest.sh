@@ -33,6 +33,8 @@ fi
 # shellcheck disable=SC1091
 . "$LATEST_VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip, less its warnings about local index folders that lack a package (one per package; noise).
+_asag_latest_pip() { python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # ComfyUI's requirements less what a headless test run does not need (the web frontend, workflow
 # templates, embedded docs) and less torch/torchvision/torchaudio, which are pinned here instead.
@@ -41,9 +43,9 @@ grep -v -i -E '^[[:space:]]*(comfyui-frontend-package|comfyui-workflow-templates
   "$COMFYUI_DIR/requirements.txt" > "$reqs"
 deps_stamp=$( { echo "$TORCH_SPEC $TORCHVISION_SPEC"; cat "$reqs"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$LATEST_VENV/.asag_deps_stamp" 2>/dev/null)" != "$deps_stamp" ]; then
-  python -m pip install -q "setuptools>=77" ninja pytest "$TORCH_SPEC" "$TORCHVISION_SPEC" -r "$reqs"
+  _asag_latest_pip "setuptools>=77" ninja pytest "$TORCH_SPEC" "$TORCHVISION_SPEC" -r "$reqs"
   # The newest torchaudio on the index is pinned to an older torch; ComfyUI only needs it to import.
-  python -m pip install -q --no-deps torchaudio
+  _asag_latest_pip --no-deps torchaudio
   echo "$deps_stamp" > "$LATEST_VENV/.asag_deps_stamp"
 fi
 
@@ -72,7 +74,7 @@ if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || 
     | while read -r gone; do rm -f "$stage/$gone"; done
   # No build isolation: build against the torch installed above (an isolated build would fetch another).
   (cd "$stage" && ASAG_SKIP_CUDA_BUILD="${ASAG_SKIP_CUDA_BUILD-1}" MAX_JOBS="${MAX_JOBS:-2}" \
-     python -m pip install -q --no-build-isolation --no-deps --force-reinstall .)
+     _asag_latest_pip --no-build-isolation --no-deps --force-reinstall .)
   echo "$pkg_stamp" > "$LATEST_VENV/.asag_build_stamp"
 fi
 (cd / && python -c "import torch, asag_kernels as a; print('.venv-latest: torch', torch.__version__, '| asag_kernels', a.__version__, 'from', a.__file__, a.backend_status())")
