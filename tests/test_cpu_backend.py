@@ -357,3 +357,23 @@ def test_building_blocks_nan_spreads_only_to_its_rows(seed):
     rest[3] = False
     assert torch.isfinite(out[0, 0, rest]).all() and torch.isfinite(lse[0, 0, rest]).all()
     assert torch.isnan(cpu_backend.col_lse(q, k, torch.zeros(1, 1, 40), **kw)).all()
+
+
+def test_concurrent_calls_from_threads_match_sequential(seed):
+    """With the GIL released, calls from several Python threads overlap (one holds the kept cache,
+    the others allocate their own): each must give the sequential result."""
+    import threading
+
+    inputs = [make_inputs((1, 2), 300, 200, 32, 16, torch.float32, seed + i) for i in range(3)]
+    expected = [sinkhorn_attention(*qkv, backend="cpu") for qkv in inputs]
+    got = [None] * len(inputs)
+
+    def work(i):
+        got[i] = sinkhorn_attention(*inputs[i], backend="cpu")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"seed={seed}"
