@@ -19,7 +19,7 @@ import importlib.util
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,7 +113,10 @@ ext_modules, cmdclass = _extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    packages=["asag_kernels", "asag_kernels.backends", "asag_kernels.triton_kernels", "asag_kernels.csrc"],
+    # Every subpackage of asag_kernels (diffusers, distributed, benchmarking, ...) plus the two mapped
+    # folders; asag_kernels/triton_kernels in a checkout is a link to triton/, not a package of its own.
+    packages=find_packages(include=["asag_kernels", "asag_kernels.*"], exclude=["asag_kernels.triton_kernels*"])
+    + ["asag_kernels.triton_kernels", "asag_kernels.csrc"],
     package_dir={"asag_kernels.triton_kernels": "triton", "asag_kernels.csrc": "csrc"},
     package_data={"asag_kernels.triton_kernels": ["*.py"], "asag_kernels.csrc": list(build_spec.SHIPPED_SOURCES)},
 )

@@ -73,8 +73,12 @@ if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || 
      ! -path '*/__pycache__/*' 2>/dev/null | LC_ALL=C sort) | LC_ALL=C comm -23 - <(printf '%s\n' "${pkg_files[@]}") \
     | while read -r gone; do rm -f "$stage/$gone"; done
   # No build isolation: build against the torch installed above (an isolated build would fetch another).
+  # Built as a wheel kept in $LATEST_VENV/dist, then installed: scripts/test_latest_torch.sh tests that
+  # same wheel in a clean venv instead of compiling the extension a second time.
+  rm -rf "$LATEST_VENV/dist"
   (cd "$stage" && ASAG_SKIP_CUDA_BUILD="${ASAG_SKIP_CUDA_BUILD-1}" MAX_JOBS="${MAX_JOBS:-2}" \
-     _asag_latest_pip --no-build-isolation --no-deps --force-reinstall .)
+     python -m pip wheel -q --no-build-isolation --no-deps -w "$LATEST_VENV/dist" .)
+  _asag_latest_pip --no-deps --force-reinstall "$LATEST_VENV"/dist/*.whl
   echo "$pkg_stamp" > "$LATEST_VENV/.asag_build_stamp"
 fi
 (cd / && python -c "import torch, asag_kernels as a; print('.venv-latest: torch', torch.__version__, '| asag_kernels', a.__version__, 'from', a.__file__, a.backend_status())")

@@ -13,23 +13,17 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$PWD"
 start=$SECONDS
 
-bash scripts/setup_env_latest.sh >/dev/null
+skip_cuda="${ASAG_SKIP_CUDA_BUILD-1}"
+# setup_env_latest.sh builds this checkout's wheel against that torch (once per change of the build
+# inputs, with the same ASAG_SKIP_CUDA_BUILD) and keeps it in .venv-latest/dist: the wheel tested here.
+ASAG_SKIP_CUDA_BUILD="$skip_cuda" bash scripts/setup_env_latest.sh >/dev/null
 PY="$ROOT/.venv-latest/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-skip_cuda="${ASAG_SKIP_CUDA_BUILD-1}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/asag-latest-wheel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-# Build in a copy of the package files (tracked and untracked-but-not-ignored): the checkout's own
-# build/ folder and in-place extension belong to ./.venv.
-mkdir "$work/src"
-git ls-files -co --exclude-standard -- setup.py pyproject.toml MANIFEST.in LICENSE README.md asag_kernels csrc triton \
-  | while read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done | tar -cf - -T - | tar -xf - -C "$work/src"
-
-echo "== building the wheel against $("$PY" -c 'import torch; print("torch", torch.__version__)')"
-(cd "$work/src" && ASAG_SKIP_CUDA_BUILD="$skip_cuda" MAX_JOBS="${MAX_JOBS:-2}" \
-   "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" .)
-wheel=$(ls "$work"/dist/*.whl)
+wheel=$(ls "$ROOT"/.venv-latest/dist/*.whl)
+echo "== the wheel built against $("$PY" -c 'import torch; print("torch", torch.__version__)')"
 echo "wheel: $(basename "$wheel")"
 
 # A throwaway venv: the wheel in its own site-packages, .venv-latest's packages (torch, Triton) on a
@@ -51,6 +45,8 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 site = os.path.realpath(os.path.dirname(os.path.dirname(asag_kernels.__file__)))
 assert site.startswith(os.path.realpath(os.getcwd())), f"imported {asag_kernels.__file__}, not the wheel"
 assert any(n.startswith("asag_kernels/_C_cpu") for n in names), "the CPU extension is not in the wheel"
+for sub in ("backends", "benchmarking", "diffusers", "distributed", "triton_kernels", "csrc"):
+    assert any(n.startswith(f"asag_kernels/{sub}/") for n in names), f"asag_kernels.{sub} is not in the wheel"
 if os.environ["ASAG_WANT_CUDA_EXT"] == "1":
     assert any(n.startswith("asag_kernels/_C_cuda") for n in names), "the CUDA extension is not in the wheel"
 status = asag_kernels.backend_status()

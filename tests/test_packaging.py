@@ -53,6 +53,11 @@ def test_wheel_ships_extension_and_kernels(dist):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("asag_kernels/_C_cpu") and n.endswith(".so") for n in names), names
     assert any(n.startswith("asag_kernels/triton_kernels/") and n.endswith(".py") for n in names), names
+    # Every subpackage of the checkout is in the wheel (an editable install would hide a missing one).
+    subpackages = {p.parent.name for p in (ROOT / "asag_kernels").glob("*/__init__.py")}
+    assert {"backends", "benchmarking", "diffusers", "distributed"} <= subpackages, subpackages
+    for sub in subpackages:
+        assert f"asag_kernels/{sub}/__init__.py" in names, f"asag_kernels.{sub} is missing from the wheel"
     assert any(n.endswith("LICENSE") for n in names)
     # What a just-in-time CUDA build compiles, as the build spec lists it, ships as package data.
     csrc = ROOT / "csrc"
