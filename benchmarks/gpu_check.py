@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -391,6 +392,10 @@ def evaluate_goals(steps: dict, rows: list[dict], *, gpu: bool) -> list[dict]:
     else:
         goals.append(_goal("tests on CUDA tensors" if gpu else "tests", "PASS" if tests["ok"] else "FAIL",
                            f"pytest exit {tests['returncode']}, {tests.get('counts')}, {tests['seconds']} s"))
+    dist_step = steps.get("distributed")
+    if dist_step is not None:  # only with several GPUs
+        goals.append(_goal("issue 13: sequence-parallel op over NCCL (distributed_bench.py)",
+                           "PASS" if dist_step["ok"] else "FAIL", dist_step.get("detail") or dist_step["command"]))
     if steps.get("timings") is None:
         return goals
     kernel_rows = [r for r in rows if r["backend"] != "sdpa" and "skipped" not in r]
@@ -470,6 +475,24 @@ def dry_run(args) -> int:
     return 0
 
 
+def distributed_step(args, out, started: float) -> dict:
+    """Several GPUs: the sequence-parallel op over NCCL (benchmarks/distributed_bench.py), bounded by
+    what is left of the deadline; its table goes to the log and, with --out, distributed.json."""
+    import torch
+
+    remaining = args.deadline_s - (time.monotonic() - started)
+    ranks = "1,2" + (",4" if torch.cuda.device_count() >= 4 else "")
+    cmd = [sys.executable, str(Path(__file__).with_name("distributed_bench.py")), "--device", "cuda",
+           "--dtype", "bfloat16", "--shape", "video-32k", "--ranks", ranks]
+    if out is not None:
+        cmd += ["--json", str(out / "distributed.json")]
+    if remaining < 60:
+        return {"ok": False, "command": shlex.join(cmd), "detail": "not run: the deadline was reached"}
+    code, log = _run_logged(cmd, timeout_s=remaining)
+    print(log, flush=True)
+    return {"ok": code == 0, "command": shlex.join(cmd), "log_tail": _tail(log)}
+
+
 def main(argv=None) -> int:
     started = time.monotonic()
     args, parser = parse_args(argv)
@@ -512,6 +535,8 @@ def main(argv=None) -> int:
             steps["tests"] = tests_step(args, out, max(30.0, min(args.test_timeout_s, remaining - TIMING_RESERVE_S)))
         rows = timing_step(args, started)
         steps["timings"] = {"rows": len(rows)}
+        if gpu and torch.cuda.device_count() > 1:
+            steps["distributed"] = distributed_step(args, out, started)
     goals = evaluate_goals(steps, rows, gpu=gpu)
     print("\nSPEC goals:")
     for goal in goals:
