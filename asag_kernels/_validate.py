@@ -12,6 +12,8 @@ from __future__ import annotations
 import numbers
 import operator
 
+import math
+
 import torch
 
 from .backends import BACKENDS
@@ -113,6 +115,13 @@ def check_backend(value, name: str = "backend") -> str:
     return _check_choice(value, name, BACKEND_CHOICES)
 
 
+def resolve_scale(scale: float | None, d: int) -> float:
+    """None -> 1/sqrt(D) (SPEC §2); 1 for D = 0, where every logit is 0 whatever the scale."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype logits and potentials are computed in (SPEC §3): float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -121,7 +130,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_logit_scale(scale, epsilon, dtype: torch.dtype, *, names: str = "scale/epsilon"):
     """scale/epsilon must be finite in the compute dtype of `dtype` inputs (SPEC §5): a ratio that
     overflows it (e.g. epsilon=1e-300 for float32 inputs) would turn every logit into +-inf."""
-    limit = torch.finfo(compute_dtype(dtype)).max
+    # The exp2 kernels (triton, cuda) fold log2(e) into the ratio in the compute dtype: the product
+    # must stay finite too, or inf * 0 turns small logits into NaN.
+    limit = torch.finfo(compute_dtype(dtype)).max / math.log2(math.e)
     ratio = scale / epsilon
     if not (bool(ratio <= limit) and bool(ratio >= -limit)):
         raise ValueError(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import backends
@@ -16,6 +14,7 @@ from ._validate import (
     check_logit_scale,
     check_num_iters,
     check_scale,
+    resolve_scale,
 )
 from .ops import sinkhorn_attention_op
 
@@ -65,10 +64,7 @@ def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend):
     scale = check_scale(scale)
     epsilon = check_epsilon(epsilon)
     backend = check_backend(backend)
-    if scale is None:
-        d = q.shape[-1]
-        # D = 0: every logit is 0 whatever the scale; 1 keeps 1/sqrt(D) from dividing by zero.
-        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    scale = resolve_scale(scale, q.shape[-1])
     check_logit_scale(scale, epsilon, q.dtype)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError(

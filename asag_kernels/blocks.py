@@ -14,11 +14,9 @@ outputs by their LSE weights, which is how ``asag_kernels.distributed`` runs the
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ._validate import check_backend, check_cost, check_epsilon, check_logit_scale, check_scale
+from ._validate import check_backend, check_cost, check_epsilon, check_logit_scale, check_scale, resolve_scale
 from .block_ops import biased_attention_op, col_lse_op, row_lse_op
 from .ops import potential_dtype
 
@@ -73,13 +71,6 @@ def _bias(value, name: str, like: torch.Tensor, shape: torch.Size) -> torch.Tens
     if value.device != like.device:
         raise ValueError(f"{name} must be on {like.device} like q and k, got {value.device}")
     return value.to(dtype).contiguous()
-
-
-def resolve_scale(scale: float | None, d: int) -> float:
-    """None -> 1/sqrt(D), as sinkhorn_attention (1 for D = 0, where every logit is 0 anyway)."""
-    if scale is not None:
-        return float(scale)
-    return 1.0 / math.sqrt(d) if d > 0 else 1.0
 
 
 def _scalars(q, cost, scale, epsilon, backend):

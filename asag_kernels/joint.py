@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from ._validate import _check_choice, check_backend, check_cost, check_epsilon, check_num_iters, check_scale
-from .api import sinkhorn_attention
+from ._validate import _check_choice
+from .api import _check_inputs, sinkhorn_attention
 
 __all__ = ["JOINT_MODES", "check_joint_mode", "joint_sinkhorn_attention"]
 
@@ -162,11 +162,10 @@ def joint_sinkhorn_attention(
         modes equal ``sinkhorn_attention`` on the real tokens.
     """
     check_joint_mode(joint_mode)
-    num_iters, cost, scale = check_num_iters(num_iters), check_cost(cost), check_scale(scale)
-    epsilon, backend = check_epsilon(epsilon), check_backend(backend)
     start, stop = _check_joint_inputs(q, k, v, image_start, image_stop, key_padding_mask)
-    if scale is None and q.shape[-1] > 0:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    # The op's own checks (dtypes, devices, head dims, scalars, scale/epsilon overflow), also for an
+    # empty batch that returns before any op runs; scale comes back resolved.
+    num_iters, cost, scale, epsilon, backend = _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend)
     sinkhorn_kwargs = dict(num_iters=num_iters, cost=cost, scale=scale, epsilon=epsilon, backend=backend)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)

@@ -111,6 +111,8 @@ _SCALAR_ROWS = [
     Row("epsilon 5e-324", op(epsilon=5e-324), ValueError, ("scale/epsilon", "epsilon=5e-324")),
     Row("scale 1e39", op(scale=1e39), ValueError, ("scale/epsilon", "scale=1e+39")),
     Row("scale -1e39", op(scale=-1e39), ValueError, ("scale/epsilon", "scale=-1e+39")),
+    # Finite in float32, but not once the exp2 kernels fold log2(e) in (inf * 0 = NaN on triton/cuda).
+    Row("scale 3e38", op(scale=3e38), ValueError, ("scale/epsilon", "scale=3e+38")),
     Row("half ratio", op(q=Q.half(), k=K.half(), v=V.half(), epsilon=1e-300), ValueError, ("scale/epsilon", "float16")),
     Row("float64 ratio", op(q=Q.double(), k=K.double(), v=V.double(), scale=1e300, epsilon=1e-300), ValueError,
         ("scale/epsilon", "float64")),

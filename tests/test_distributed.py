@@ -158,7 +158,9 @@ def spawn(world, cases, with_errors=False):
 def test_world_1_both_strategies():
     cases = [case(s, [7], [9], cost=c, num_iters=n) for s in ("ulysses", "ring") for c, n in
              (("adversarial", 0), ("standard", 2))]
-    spawn(1, cases + [case("ulysses", [7], [9], exact=True)])
+    # No queries anywhere (SPEC §5: an empty output), with and without potentials.
+    empty = [case(s, [0], [9], potentials=p) for s in ("ulysses", "ring") for p in (False, True)]
+    spawn(1, cases + empty + [case("ulysses", [7], [9], exact=True)])
 
 
 def test_world_2_grid():
@@ -174,6 +176,7 @@ def test_world_2_grid():
     # Fewer problems than ranks: auto takes the ring; a single 2-D problem.
     cases.append(case("auto", [4, 6], [5, 5], lead=(1,)))
     cases.append(case("ring", [4, 6], [5, 5], lead=()))
+    cases.append(case("ring", [0, 0], [5, 3], lead=(1,), potentials=True))  # no queries on any rank
     # float64 through the reference blocks and the torch backend, and a sharp epsilon.
     cases.append(case("ring", [3, 4], [4, 2], dtype=F64, backend="reference"))
     cases.append(case("ulysses", [3, 4], [4, 2], dtype=F64, backend="torch", exact=True))

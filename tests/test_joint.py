@@ -179,6 +179,15 @@ def test_empty_batch():
     assert out.shape == (0, 2, 5, 4)
     with pytest.raises(ValueError, match="epsilon"):  # arguments are checked even with nothing to compute
         joint_sinkhorn_attention(q, q, q, image_start=1, image_stop=5, epsilon=0.0)
+    # ... and so are the tensors: head dims, dtypes, the scale/epsilon overflow.
+    with pytest.raises(ValueError, match="head dim"):
+        joint_sinkhorn_attention(q, torch.randn(0, 2, 5, 3), q, image_start=1, image_stop=5)
+    with pytest.raises(TypeError, match="dtype"):
+        joint_sinkhorn_attention(q, q.double(), q, image_start=1, image_stop=5)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        joint_sinkhorn_attention(q.long(), q.long(), q.long(), image_start=1, image_stop=5)
+    with pytest.raises(ValueError, match="scale/epsilon"):
+        joint_sinkhorn_attention(q, q, q, image_start=1, image_stop=5, epsilon=1e-300)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def bytes_per_rank(strategy: str, rank: int, nq, nk, *, problems: int, d: int, d
     world = len(nq)
     total = ROW_LEN * 8 * (world - 1)
     if strategy == "ring":
-        if world == 1:
+        if world == 1 or sum(nq) == 0:  # nothing to solve: the empty output needs no transfer
             return total
         nxt = (rank + 1) % world
         keys, queries = sum(nk) - nk[nxt], sum(nq) - nq[nxt]

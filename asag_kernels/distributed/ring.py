@@ -50,6 +50,11 @@ def run(q, k, v, layout: Layout, *, group, num_iters, cost, scale, epsilon, back
              for blk in ("row_lse", "col_lse", "biased_attention")}
     q3, k3, v3 = (t.reshape((p,) + t.shape[-2:]).contiguous() for t in (q, k, v))
     nq, nk = layout.nq, layout.nk
+    if nq_tot == 0:  # SPEC §5: an empty output (every rank sees the same totals: none enters a collective)
+        out = q.new_empty(lead + (0, dv))
+        if not need_potentials:
+            return out, None, None
+        return out, q.new_empty(lead + (0,), dtype=pot), torch.zeros(lead + (nk[r],), dtype=pot, device=q.device)
     log_a, log_b = -math.log(nq_tot), -math.log(nk_tot)
     neg_inf = float("-inf")
 
