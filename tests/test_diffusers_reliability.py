@@ -111,6 +111,38 @@ def test_failure_outside_the_denoiser_leaves_the_pipeline_usable():
     assert torch.equal(_run(pipe, inputs, 5.0, pag_scale=0.0), baseline)
 
 
+@torch.no_grad()
+def test_failure_outside_the_denoiser_then_other_layers():
+    """Processors a failed run left in the mid block never add to the branch of layers chosen later."""
+    pipe, inputs = _sd_pipe()
+    before = _processor_state(pipe.unet)
+    asag = enable_asag(pipe)  # mid block
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(pipe, inputs, 5.0, callback_on_step_end=interrupt, **asag)
+    other = enable_asag(pipe, layers="down_blocks.1")
+    after_failure = _run(pipe, inputs, 5.0, **other)
+    assert _processor_state(pipe.unet) == before
+    disable_asag(pipe)
+    clean = _run(pipe, inputs, 5.0, **enable_asag(pipe, layers="down_blocks.1"))
+    assert torch.equal(after_failure, clean), "the mid block's leftover ASAG processor perturbed the later call"
+    disable_asag(pipe)
+    assert _processor_state(pipe.unet) == before and _no_hooks(pipe.unet)
+
+
+@torch.no_grad()
+def test_disable_asag_gives_back_the_pipelines_own_pag_pair():
+    pipe, _ = _sd_pipe()
+    own = pipe._pag_attn_processors
+    enable_asag(pipe)
+    enable_asag(pipe, layers="down_blocks.1")  # a second call must not record ASAG's pair as the pipeline's
+    disable_asag(pipe)
+    assert pipe._pag_attn_processors is own
+
+
 @pytest.mark.parametrize("exc", [_Boom, KeyboardInterrupt])
 @torch.no_grad()
 def test_guider_failure_removes_its_hooks(exc, monkeypatch):

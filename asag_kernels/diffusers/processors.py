@@ -162,19 +162,20 @@ def _is_asag(processor) -> bool:
     return isinstance(processor, _ASAGProcessorBase)
 
 
-def _restore(denoiser: torch.nn.Module, originals: dict) -> None:
-    """Give every module that holds an ASAG processor its recorded original back."""
+def _restore(denoiser: torch.nn.Module, originals: dict, keep=()) -> None:
+    """Give every module that holds an ASAG processor (except those in `keep`) its recorded original back."""
     for module in denoiser.modules():
         processor = getattr(module, "processor", None)
-        if _is_asag(processor) and module in originals:
+        if _is_asag(processor) and module in originals and module not in keep:
             module.processor = originals[module]
 
 
 class _PipelineGuard(ModelHook):
     """On the denoiser of an ASAG-enabled PAG pipeline: the pipeline swaps ASAG processors in for a
     call and back afterwards, but not when the call fails. A denoiser call that raises (Ctrl-C too)
-    restores the originals at once, and a call without PAG that finds ASAG processors left behind
-    by a failure outside the denoiser (scheduler, callback, VAE) restores them before it runs."""
+    restores the originals at once; ASAG processors left behind by a failure outside the denoiser
+    (scheduler, callback, VAE) are restored before the next call runs: all of them in a call without
+    PAG, those outside the currently chosen layers in a PAG call (so they never add to its branch)."""
 
     def __init__(self, pipe, originals: weakref.WeakKeyDictionary):
         super().__init__()
@@ -183,8 +184,9 @@ class _PipelineGuard(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         pipe = self._pipe()
-        if pipe is not None and not getattr(pipe, "_pag_scale", 0.0) > 0:
-            _restore(module, self.originals)
+        if pipe is not None:
+            pag_on = getattr(pipe, "_pag_scale", 0.0) > 0
+            _restore(module, self.originals, keep=getattr(pipe, "_asag_modules", ()) if pag_on else ())
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         except BaseException:
@@ -249,6 +251,8 @@ def enable_asag(
     originals = getattr(pipe, "_asag_original_processors", None)
     if originals is None:
         originals = weakref.WeakKeyDictionary()
+    else:  # ASAG processors a failed run left in place go before the new layers are chosen
+        _restore(denoiser, originals)
     for module in denoiser.modules():
         processor = getattr(module, "processor", None)
         if processor is not None and not _is_asag(processor) and module not in originals:
@@ -262,8 +266,11 @@ def enable_asag(
     # diffusers' PAG matching is by regular expression over names; hand it exact names.
     if not hasattr(pipe, "_asag_previous_layers"):
         pipe._asag_previous_layers = list(getattr(pipe, "pag_applied_layers", None) or [])
+        # The pipeline's own PAG processor pair (HunyuanDiT, Sana, ... have their own), for disable_asag.
+        pipe._asag_previous_pag_processors = getattr(pipe, "_pag_attn_processors", None)
     pipe.set_pag_applied_layers([rf"^{name}$".replace(".", r"\.") for name in modules], pag_attn_processors=pair)
     pipe._asag_original_processors = originals
+    pipe._asag_modules = weakref.WeakSet(modules.values())
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     if registry.get_hook(_GUARD_HOOK) is None:
         registry.register_hook(_PipelineGuard(pipe, originals), _GUARD_HOOK)
@@ -287,13 +294,15 @@ def disable_asag(pipe) -> None:
     registry = getattr(denoiser, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(_GUARD_HOOK) is not None:
         registry.remove_hook(_GUARD_HOOK, recurse=False)
-    if any(type(p).__name__.startswith("Joint") for p in (originals or {}).values()):
-        pair = (PAGCFGJointAttnProcessor2_0(), PAGJointAttnProcessor2_0())
-    else:
-        pair = (PAGCFGIdentitySelfAttnProcessor2_0(), PAGIdentitySelfAttnProcessor2_0())
+    pair = getattr(pipe, "_asag_previous_pag_processors", None)
+    if pair is None:  # the pipeline had no PAG pair of its own recorded: diffusers' default ones
+        if any(type(p).__name__.startswith("Joint") for p in (originals or {}).values()):
+            pair = (PAGCFGJointAttnProcessor2_0(), PAGJointAttnProcessor2_0())
+        else:
+            pair = (PAGCFGIdentitySelfAttnProcessor2_0(), PAGIdentitySelfAttnProcessor2_0())
     layers = getattr(pipe, "_asag_previous_layers", None) or getattr(pipe, "pag_applied_layers", None)
     if isinstance(pipe, PAGMixin) and layers:
         pipe.set_pag_applied_layers(list(layers), pag_attn_processors=pair)
-    for attr in ("_asag_previous_layers", "_asag_original_processors"):
+    for attr in ("_asag_previous_layers", "_asag_previous_pag_processors", "_asag_original_processors", "_asag_modules"):
         if hasattr(pipe, attr):
             delattr(pipe, attr)
