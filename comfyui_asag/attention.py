@@ -83,8 +83,10 @@ def _key_padding_mask(mask, batch: int, n: int):
     if mask is None:
         return None
     m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
+    if m.dim() == 2:  # [Lq, Lk]
+        m = m[None, None]
+    elif m.dim() == 3:  # ComfyUI's [B, Lq, Lk] (per sample, shared by the heads)
+        m = m[:, None]
     real = m if m.dtype == torch.bool else (m == 0)
     ok = m.dtype == torch.bool or bool(((m == 0) | (m == float("-inf"))).all())
     ok = ok and m.shape[-1] == n and bool((real == real[..., :1, :1, :]).all())

@@ -27,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# Cache only, never download: huggingface_hub reads this once, at its import (before any diffusers import).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # asag_tiny, next to this file
 
@@ -153,7 +156,6 @@ def generate(args) -> int:
 
     repo, module, blocks_cls, kind, default_cfg = REPOS[args.model]
     repo = args.repo or repo
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cache only: never download
     if not _cached(repo):
         print(
             f"{repo!r} is not in the local Hugging Face cache and this example never downloads.\n"

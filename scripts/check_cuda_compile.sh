@@ -46,6 +46,11 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 mapfile -t KERNEL_SOURCES < <("${SPEC[@]}" kernel-sources)
+# A failing or empty listing must fail the check, not compile nothing and pass ('<(...)' hides its status).
+if [ "${#KERNEL_SOURCES[@]}" -eq 0 ]; then
+  echo "check_cuda_compile.sh: build_spec.py listed no kernel sources" >&2
+  exit 1
+fi
 echo "nvcc: $(nvcc --version | tail -1)"
 echo "kernel sources: ${KERNEL_SOURCES[*]:-none}; archs: $ARCHS; jobs: $JOBS"
 for arch in $ARCHS; do

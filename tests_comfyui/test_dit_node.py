@@ -184,3 +184,20 @@ def test_flux_mask_that_is_not_key_padding_raises(asag_nodes):
     (patched,) = asag_nodes[2]().patch(tiny_flux(), double_layers="0", single_layers="")
     with pytest.raises(ValueError, match="not a key-padding mask"):
         sample(patched, "flux", steps=1, extra_cond={"attention_mask": mask, "attention_mask_img_shape": (4, 4)})
+
+
+def test_per_sample_key_padding_masks_are_accepted(asag_nodes):
+    """ComfyUI's 3-D masks are [B, Lq, Lk]: different key padding per sample is a key-padding mask."""
+    import sys
+
+    attention = sys.modules[asag_nodes[2].__module__.rsplit(".", 1)[0] + ".attention"]
+    n = 6
+    mask = torch.zeros(2, n, n)
+    mask[0, :, 4:] = float("-inf")  # sample 0: the last two keys are padding
+    mask[1, :, :1] = float("-inf")  # sample 1: the first key is padding
+    real = attention._key_padding_mask(mask, 2, n)
+    expected = torch.tensor([[True] * 4 + [False] * 2, [False] + [True] * 5])
+    assert torch.equal(real, expected)
+    mask[1, 2, 3] = float("-inf")  # now sample 1 differs between queries: not key padding
+    with pytest.raises(ValueError, match="not a key-padding mask"):
+        attention._key_padding_mask(mask, 2, n)
