@@ -202,7 +202,9 @@ def test_command(args, out: Path | None) -> list[str]:
 def test_env(args) -> dict:
     env = dict(os.environ)
     if on_gpu(args):
-        env.setdefault("ASAG_REQUIRE_BACKENDS", ",".join(REQUIRED_ON_GPU))
+        # On a GPU every backend must run: an inherited CPU list (scripts/test.sh exports one) would
+        # let the GPU backends skip.
+        env["ASAG_REQUIRE_BACKENDS"] = ",".join(REQUIRED_ON_GPU)
         env.setdefault("ASAG_CUDA_JIT", "wait")
     return env
 
