@@ -101,7 +101,8 @@ def parse_args(argv=None):
 
 def compile_only(sm: int, extra: list[str]) -> int:
     """Delegate to the Triton compile sweep (no GPU needed)."""
-    sys.path.insert(0, str(HERE))
+    if str(HERE) not in sys.path:
+        sys.path.append(str(HERE))  # appended: a caller's own `conftest`/modules keep precedence
     import triton_compile_sweep
 
     return triton_compile_sweep.main(["--arch", str(sm), *extra])

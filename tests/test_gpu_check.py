@@ -20,7 +20,9 @@ from asag_kernels._spec import GPU_SHAPES, out_tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
+# Appended, not prepended: benchmarks/ has a conftest.py of its own, and the tests' `from conftest
+# import ...` (also in the processes tests spawn, which inherit sys.path) must find tests/conftest.py.
+sys.path.append(str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 

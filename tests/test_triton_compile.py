@@ -17,7 +17,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+# Appended, not prepended: benchmarks/ has a conftest.py of its own, and the tests' `from conftest
+# import ...` (also in the processes tests spawn, which inherit sys.path) must find tests/conftest.py.
+sys.path.append(os.path.join(REPO, "benchmarks"))
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None or
                                   importlib.util.find_spec("triton").origin is None,
