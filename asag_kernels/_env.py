@@ -31,7 +31,7 @@ def env_flag(name: str, default: bool) -> bool:
         return True
     if low in _FALSE:
         return False
-    raise ValueError(f"environment variable {name} must be 1 or 0 (or true/false), got {os.environ[name]!r}")
+    raise ValueError(f"environment variable {name} must be 1/0, true/false, yes/no or on/off, got {os.environ[name]!r}")
 
 
 def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:

@@ -140,3 +140,47 @@ def check_logit_scale(scale, epsilon, dtype: torch.dtype, *, names: str = "scale
             f"for {dtype} inputs, got scale={scale!r}, epsilon={epsilon!r}"
         )
     return ratio
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def inference_only_error() -> RuntimeError:
+    return RuntimeError(
+        "asag_kernels ops are inference-only (no autograd): call them under torch.no_grad() or "
+        "torch.inference_mode(), or pass tensors that do not require grad"
+    )
+
+
+def check_operands(**tensors) -> None:
+    """q/k/v-style operands ``[..., N, D]`` (SPEC §5): tensors of one float dtype and device with the
+    same leading dims; k's head dim equals q's, v has k's rows; none requires grad in grad mode.
+    Empty N is allowed (callers that need Nk >= 1 check it). TypeError/ValueError name the argument."""
+    names = list(tensors)
+    together = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dims [..., N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    first_name, first = names[0], tensors[names[0]]
+    for name in names[1:]:
+        t = tensors[name]
+        if t.device != first.device:
+            raise ValueError(f"{together} must be on one device: {first_name} is on {first.device}, {name} is on {t.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{together} must share one dtype: {first_name} is {first.dtype}, {name} is {t.dtype}")
+        if t.dim() != first.dim() or t.shape[:-2] != first.shape[:-2]:
+            raise ValueError(
+                f"{together} must have the same leading dims (no broadcasting): {first_name} has "
+                f"{tuple(first.shape[:-2])}, {name} has {tuple(t.shape[:-2])}"
+            )
+    q, k, v = tensors.get("q"), tensors.get("k"), tensors.get("v")
+    if q is not None and k is not None and k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k's head dim must equal q's: q has D={q.shape[-1]}, k has D={k.shape[-1]}")
+    if k is not None and v is not None and v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"v must have as many rows as k: k has Nk={k.shape[-2]}, v has {v.shape[-2]}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        raise inference_only_error()

@@ -12,6 +12,7 @@ from ._validate import (
     check_cost,
     check_epsilon,
     check_logit_scale,
+    check_operands,
     check_num_iters,
     check_scale,
     resolve_scale,
@@ -19,7 +20,6 @@ from ._validate import (
 from .ops import sinkhorn_attention_op
 
 __all__ = ["sinkhorn_attention", "available_backends", "backend_status", "COSTS", "BACKEND_CHOICES"]
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def available_backends() -> list[str]:
@@ -34,29 +34,7 @@ def backend_status() -> dict[str, str]:
 
 def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend):
     """SPEC §5; returns the normalised (num_iters, cost, scale, epsilon, backend), scale resolved."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims [..., N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-            )
-    for name, t in (("k", k), ("v", v)):
-        if t.device != q.device:
-            raise ValueError(f"q, k and v must be on one device: q is on {q.device}, {name} is on {t.device}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"q, k and v must share one dtype: q is {q.dtype}, {name} is {t.dtype}")
-        if t.dim() != q.dim() or t.shape[:-2] != q.shape[:-2]:
-            raise ValueError(
-                f"q, k and v must have the same leading dims (no broadcasting): q has {tuple(q.shape[:-2])}, "
-                f"{name} has {tuple(t.shape[:-2])}"
-            )
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k's head dim must equal q's: q has D={q.shape[-1]}, k has D={k.shape[-1]}")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v must have as many rows as k: k has Nk={k.shape[-2]}, v has {v.shape[-2]}")
+    check_operands(q=q, k=k, v=v)
     if k.shape[-2] == 0:
         raise ValueError("k must hold at least one key (Nk >= 1), got Nk=0")
     num_iters = check_num_iters(num_iters)
@@ -66,11 +44,6 @@ def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend):
     backend = check_backend(backend)
     scale = resolve_scale(scale, q.shape[-1])
     check_logit_scale(scale, epsilon, q.dtype)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise RuntimeError(
-            "sinkhorn_attention is inference-only (no autograd): call it under torch.no_grad() or "
-            "torch.inference_mode(), or pass tensors that do not require grad"
-        )
     return num_iters, cost, scale, epsilon, backend
 
 

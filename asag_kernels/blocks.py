@@ -16,44 +16,19 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_backend, check_cost, check_epsilon, check_logit_scale, check_scale, resolve_scale
+from ._validate import (
+    check_backend,
+    check_cost,
+    check_epsilon,
+    check_logit_scale,
+    check_operands,
+    check_scale,
+    inference_only_error,
+    resolve_scale,
+)
 from .block_ops import biased_attention_op, col_lse_op, row_lse_op
 from .ops import potential_dtype
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_operands(**tensors: torch.Tensor) -> None:
-    """q/k/v-style operands ``[..., N, D]``: tensors of one float dtype and device with the same
-    leading dims; k's head dim equals q's, v has k's rows. Empty N is allowed (it is checked by
-    the callers that need it). Raises TypeError/ValueError naming the argument."""
-    first_name, first = next(iter(tensors.items()))
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims [..., N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{first_name} and {name} must be on one device: got {first.device} and {t.device}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{first_name} and {name} must share one dtype: got {first.dtype} and {t.dtype}")
-        if t.shape[:-2] != first.shape[:-2]:
-            raise ValueError(
-                f"{first_name} and {name} must have the same leading dims (no broadcasting): "
-                f"{first_name} has {tuple(first.shape[:-2])}, {name} has {tuple(t.shape[:-2])}"
-            )
-    q, k, v = tensors.get("q"), tensors.get("k"), tensors.get("v")
-    if q is not None and k is not None and k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k's head dim must equal q's: q has D={q.shape[-1]}, k has D={k.shape[-1]}")
-    if k is not None and v is not None and v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v must have as many rows as k: k has Nk={k.shape[-2]}, v has {v.shape[-2]}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
-        raise RuntimeError(
-            "asag_kernels ops are inference-only (no autograd): call them under torch.no_grad() or "
-            "torch.inference_mode(), or pass tensors that do not require grad"
-        )
 
 
 def _bias(value, name: str, like: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -70,6 +45,8 @@ def _bias(value, name: str, like: torch.Tensor, shape: torch.Size) -> torch.Tens
         raise ValueError(f"{name} must have shape {tuple(shape)} (q/k's leading dims and N), got {tuple(value.shape)}")
     if value.device != like.device:
         raise ValueError(f"{name} must be on {like.device} like q and k, got {value.device}")
+    if torch.is_grad_enabled() and value.requires_grad:
+        raise inference_only_error()
     return value.to(dtype).contiguous()
 
 
@@ -138,4 +115,4 @@ def biased_attention(q, k, v, g=None, *, cost="adversarial", scale=None, epsilon
     return biased_attention_op(q, k, v, g, cost, scale, epsilon, backend)
 
 
-__all__ = ["row_lse", "col_lse", "biased_attention", "check_operands", "resolve_scale"]
+__all__ = ["row_lse", "col_lse", "biased_attention"]

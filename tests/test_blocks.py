@@ -159,6 +159,8 @@ def test_bad_arguments_are_clear_errors():
         blocks.biased_attention(q, k, v, backend="tpu")
     with pytest.raises(TypeError, match="q and k must share one dtype"):
         blocks.row_lse(q, k.double())
+    with pytest.raises(RuntimeError, match="inference-only"):  # a potential that needs grad, too
+        blocks.row_lse(q, k, torch.zeros(k.shape[:-1], requires_grad=True))
     with pytest.raises(RuntimeError, match="inference-only"):
         blocks.row_lse(q.requires_grad_(), k)
 

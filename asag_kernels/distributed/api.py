@@ -15,7 +15,7 @@ from .._validate import (
     check_num_iters,
     check_scale,
 )
-from ..blocks import check_operands, resolve_scale
+from .._validate import check_operands, resolve_scale
 from . import ring, ulysses
 from .shapes import MAX_LEAD_DIMS, exchange
 
