@@ -137,6 +137,7 @@ def _rank_main(rank, world, init_method, cfg, result_dir):
             stats = time_fn(synced, device=device, warmup=cfg["warmup"], reps=cfg["reps"])
             row["times_s"] = [t / 1e3 for t in stats.times_ms]
     (result_dir / f"rank{rank}.json").write_text(json.dumps(row))
+    dist.barrier()  # tear down together (a rank leaving early can abort gloo in a peer)
     dist.destroy_process_group()
 
 

@@ -65,6 +65,7 @@ def _worker(rank, world, init_method):
                 _step(_guider("image"), model, data, forward)
             again = _step(AdversarialSinkhornGuidance(guidance_scale=1.0, asag_scale=0.0), model, data, forward)
             assert torch.equal(again["pred_cond"], sharded["pred_cond"])
+        dist.barrier()  # tear down together (a rank leaving early can abort gloo in a peer)
     except Exception:
         raise AssertionError(f"rank {rank}: {traceback.format_exc()}") from None
     finally:

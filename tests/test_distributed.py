@@ -147,6 +147,9 @@ def _worker(rank, world, init_method, cases, with_errors):
             if with_errors:
                 check_errors(rank, world)
                 check_subgroup(rank, world)
+        # Tear down together: a rank that destroys its group (and exits) while others still talk
+        # (e.g. the non-member of check_subgroup) aborted gloo in a peer once ("terminate called").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
