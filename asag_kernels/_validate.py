@@ -184,3 +184,13 @@ def check_operands(**tensors) -> None:
         raise ValueError(f"v must have as many rows as k: k has Nk={k.shape[-2]}, v has {v.shape[-2]}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
         raise inference_only_error()
+
+
+def check_op_scalars(q: torch.Tensor, cost, scale, epsilon, backend):
+    """The scalar keywords every Sinkhorn entry point takes, checked (SPEC §5) for inputs like `q`:
+    returns (cost, scale as given, scale resolved for q's head dim, epsilon, backend); the resolved
+    scale over epsilon must fit q's compute dtype."""
+    cost, scale, epsilon, backend = check_cost(cost), check_scale(scale), check_epsilon(epsilon), check_backend(backend)
+    resolved = resolve_scale(scale, q.shape[-1])
+    check_logit_scale(resolved, epsilon, q.dtype)
+    return cost, scale, resolved, epsilon, backend

@@ -5,18 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._validate import (
-    BACKEND_CHOICES,
-    COSTS,
-    check_backend,
-    check_cost,
-    check_epsilon,
-    check_logit_scale,
-    check_operands,
-    check_num_iters,
-    check_scale,
-    resolve_scale,
-)
+from ._validate import BACKEND_CHOICES, COSTS, check_num_iters, check_op_scalars, check_operands
 from .ops import sinkhorn_attention_op
 
 __all__ = ["sinkhorn_attention", "available_backends", "backend_status", "COSTS", "BACKEND_CHOICES"]
@@ -38,12 +27,7 @@ def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend):
     if k.shape[-2] == 0:
         raise ValueError("k must hold at least one key (Nk >= 1), got Nk=0")
     num_iters = check_num_iters(num_iters)
-    cost = check_cost(cost)
-    scale = check_scale(scale)
-    epsilon = check_epsilon(epsilon)
-    backend = check_backend(backend)
-    scale = resolve_scale(scale, q.shape[-1])
-    check_logit_scale(scale, epsilon, q.dtype)
+    cost, _, scale, epsilon, backend = check_op_scalars(q, cost, scale, epsilon, backend)
     return num_iters, cost, scale, epsilon, backend
 
 

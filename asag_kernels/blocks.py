@@ -16,16 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import (
-    check_backend,
-    check_cost,
-    check_epsilon,
-    check_logit_scale,
-    check_operands,
-    check_scale,
-    inference_only_error,
-    resolve_scale,
-)
+from ._validate import check_op_scalars, check_operands, inference_only_error
 from .block_ops import biased_attention_op, col_lse_op, row_lse_op
 from .ops import potential_dtype
 
@@ -51,12 +42,7 @@ def _bias(value, name: str, like: torch.Tensor, shape: torch.Size) -> torch.Tens
 
 
 def _scalars(q, cost, scale, epsilon, backend):
-    cost = check_cost(cost)
-    scale = check_scale(scale)
-    epsilon = check_epsilon(epsilon)
-    backend = check_backend(backend)
-    scale = resolve_scale(scale, q.shape[-1])
-    check_logit_scale(scale, epsilon, q.dtype)
+    cost, _, scale, epsilon, backend = check_op_scalars(q, cost, scale, epsilon, backend)
     return cost, scale, float(epsilon), backend
 
 

@@ -5,17 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .._validate import (
-    BACKEND_CHOICES,
-    COSTS,
-    check_backend,
-    check_cost,
-    check_epsilon,
-    check_logit_scale,
-    check_num_iters,
-    check_scale,
-)
-from .._validate import check_operands, resolve_scale
+from .._validate import BACKEND_CHOICES, COSTS, check_num_iters, check_op_scalars, check_operands, resolve_scale
 from . import ring, ulysses
 from .shapes import MAX_LEAD_DIMS, exchange
 
@@ -57,14 +47,11 @@ def _check_local(q, k, v, num_iters, cost, scale, epsilon, backend, strategy, re
     if q.dim() - 2 > MAX_LEAD_DIMS:
         raise ValueError(f"q may have at most {MAX_LEAD_DIMS} leading dims here, got shape {tuple(q.shape)}")
     num_iters = check_num_iters(num_iters)
-    cost = check_cost(cost)
-    scale = check_scale(scale)
-    epsilon = check_epsilon(epsilon)
-    backend = check_backend(backend)
+    # The scale as given (None travels to the other ranks as such); resolved after the exchange.
+    cost, scale, _, epsilon, backend = check_op_scalars(q, cost, scale, epsilon, backend)
     strategy = _check_strategy(strategy)
     if not isinstance(return_potentials, bool):
         raise TypeError(f"return_potentials must be a bool, got {type(return_potentials).__name__}")
-    check_logit_scale(resolve_scale(scale, q.shape[-1]), epsilon, q.dtype)
     return num_iters, cost, scale, epsilon, backend, strategy
 
 
