@@ -280,7 +280,8 @@ def test_gil_is_released_while_computing():
     import threading
     import time
 
-    q, k, v = make_inputs((1, 4), 2048, 2048, 64, 64, torch.float32, 0)
+    # Large enough that the call lasts well over 50 ms on an idle 2-core machine (2048 tokens took 43 ms).
+    q, k, v = make_inputs((1, 8), 4096, 4096, 64, 64, torch.float32, 0)
     sinkhorn_attention(q[:, :1, :64], k[:, :1, :64], v[:, :1, :64], backend="cpu")  # warm-up
     ticks, stop = [0], threading.Event()
 
