@@ -9,10 +9,10 @@ the argument, says what was expected and what was got. The checks stay traceable
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
-
-import math
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +25,7 @@ MAX_NUM_ITERS = 2**31 - 1
 
 _SYMBOLIC = (torch.SymInt, torch.SymFloat)
 _INF = float("inf")
+_ABSENT = object()  # a keyword the entry point does not take
 
 
 def _describe(value) -> str:
@@ -186,11 +187,42 @@ def check_operands(**tensors) -> None:
         raise inference_only_error()
 
 
-def check_op_scalars(q: torch.Tensor, cost, scale, epsilon, backend):
-    """The scalar keywords every Sinkhorn entry point takes, checked (SPEC §5) for inputs like `q`:
-    returns (cost, scale as given, scale resolved for q's head dim, epsilon, backend); the resolved
-    scale over epsilon must fit q's compute dtype."""
+@dataclass(frozen=True)
+class OpScalars:
+    """The scalar keywords of a Sinkhorn entry point, checked (:func:`check_op_scalars`).
+
+    ``scale`` is the value as given (``None`` travels between ranks as such); ``resolved_scale`` is
+    what the kernels use (``1/sqrt(D)`` for ``None``). ``num_iters`` and ``return_potentials`` are
+    ``None`` for entry points that do not take them (the building blocks)."""
+
+    cost: str
+    scale: float | None
+    resolved_scale: float
+    epsilon: float
+    backend: str
+    num_iters: int | None = None
+    return_potentials: bool | None = None
+
+
+def check_return_potentials(value, name: str = "return_potentials") -> bool:
+    """A bool (TypeError otherwise)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {_describe(value)}")
+    return value
+
+
+def check_op_scalars(q: torch.Tensor, *, cost, scale, epsilon, backend, num_iters=_ABSENT,
+                     return_potentials=_ABSENT) -> OpScalars:
+    """The keywords every Sinkhorn entry point shares, checked (SPEC §5) for inputs like `q`: cost,
+    scale, epsilon, backend, and where the entry point takes them num_iters and return_potentials.
+    The resolved scale over epsilon must fit q's compute dtype."""
     cost, scale, epsilon, backend = check_cost(cost), check_scale(scale), check_epsilon(epsilon), check_backend(backend)
+    if num_iters is not _ABSENT:
+        num_iters = check_num_iters(num_iters)
+    if return_potentials is not _ABSENT:
+        return_potentials = check_return_potentials(return_potentials)
     resolved = resolve_scale(scale, q.shape[-1])
     check_logit_scale(resolved, epsilon, q.dtype)
-    return cost, scale, resolved, epsilon, backend
+    return OpScalars(cost, scale, resolved, epsilon, backend,
+                     None if num_iters is _ABSENT else num_iters,
+                     None if return_potentials is _ABSENT else return_potentials)

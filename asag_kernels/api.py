@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._validate import BACKEND_CHOICES, COSTS, check_num_iters, check_op_scalars, check_operands
+from ._validate import BACKEND_CHOICES, COSTS, OpScalars, check_op_scalars, check_operands
 from .ops import sinkhorn_attention_op
 
 __all__ = ["sinkhorn_attention", "available_backends", "backend_status", "COSTS", "BACKEND_CHOICES"]
@@ -21,14 +21,13 @@ def backend_status() -> dict[str, str]:
     return backends.backend_status()
 
 
-def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend):
-    """SPEC §5; returns the normalised (num_iters, cost, scale, epsilon, backend), scale resolved."""
+def _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend, return_potentials=False) -> OpScalars:
+    """SPEC §5: the tensors and every keyword, checked and normalised (scale resolved in the result)."""
     check_operands(q=q, k=k, v=v)
     if k.shape[-2] == 0:
         raise ValueError("k must hold at least one key (Nk >= 1), got Nk=0")
-    num_iters = check_num_iters(num_iters)
-    cost, _, scale, epsilon, backend = check_op_scalars(q, cost, scale, epsilon, backend)
-    return num_iters, cost, scale, epsilon, backend
+    return check_op_scalars(q, cost=cost, scale=scale, epsilon=epsilon, backend=backend, num_iters=num_iters,
+                            return_potentials=return_potentials)
 
 
 def sinkhorn_attention(
@@ -68,10 +67,8 @@ def sinkhorn_attention(
         tuple ``(out, f, g)`` with ``f``: ``[..., Nq]`` and ``g``: ``[..., Nk]`` in float32
         (float64 for float64 inputs).
     """
-    num_iters, cost, scale, epsilon, backend = _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend)
-    if not isinstance(return_potentials, bool):
-        raise TypeError(f"return_potentials must be a bool, got {type(return_potentials).__name__} {return_potentials!r}")
-    out, f, g = sinkhorn_attention_op(q, k, v, num_iters, cost, scale, epsilon, backend)
-    if return_potentials:
+    s = _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend, return_potentials)
+    out, f, g = sinkhorn_attention_op(q, k, v, s.num_iters, s.cost, s.resolved_scale, s.epsilon, s.backend)
+    if s.return_potentials:
         return out, f, g
     return out

@@ -42,8 +42,8 @@ def _bias(value, name: str, like: torch.Tensor, shape: torch.Size) -> torch.Tens
 
 
 def _scalars(q, cost, scale, epsilon, backend):
-    cost, _, scale, epsilon, backend = check_op_scalars(q, cost, scale, epsilon, backend)
-    return cost, scale, float(epsilon), backend
+    s = check_op_scalars(q, cost=cost, scale=scale, epsilon=epsilon, backend=backend)
+    return s.cost, s.resolved_scale, float(s.epsilon), s.backend
 
 
 def row_lse(q, k, g=None, *, cost="adversarial", scale=None, epsilon=1.0, backend="auto") -> torch.Tensor:

@@ -165,8 +165,9 @@ def joint_sinkhorn_attention(
     start, stop = _check_joint_inputs(q, k, v, image_start, image_stop, key_padding_mask)
     # The op's own checks (dtypes, devices, head dims, scalars, scale/epsilon overflow), also for an
     # empty batch that returns before any op runs; scale comes back resolved.
-    num_iters, cost, scale, epsilon, backend = _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend)
-    sinkhorn_kwargs = dict(num_iters=num_iters, cost=cost, scale=scale, epsilon=epsilon, backend=backend)
+    s = _check_inputs(q, k, v, num_iters, cost, scale, epsilon, backend)
+    scale, backend = s.resolved_scale, s.backend
+    sinkhorn_kwargs = dict(num_iters=s.num_iters, cost=s.cost, scale=scale, epsilon=s.epsilon, backend=backend)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     if key_padding_mask is None or bool(key_padding_mask.all()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .._validate import BACKEND_CHOICES, COSTS, check_num_iters, check_op_scalars, check_operands, resolve_scale
+from .._validate import BACKEND_CHOICES, COSTS, check_op_scalars, check_operands, resolve_scale
 from . import ring, ulysses
 from .shapes import MAX_LEAD_DIMS, exchange
 
@@ -46,13 +46,10 @@ def _check_local(q, k, v, num_iters, cost, scale, epsilon, backend, strategy, re
     check_operands(q=q, k=k, v=v)
     if q.dim() - 2 > MAX_LEAD_DIMS:
         raise ValueError(f"q may have at most {MAX_LEAD_DIMS} leading dims here, got shape {tuple(q.shape)}")
-    num_iters = check_num_iters(num_iters)
     # The scale as given (None travels to the other ranks as such); resolved after the exchange.
-    cost, scale, _, epsilon, backend = check_op_scalars(q, cost, scale, epsilon, backend)
-    strategy = _check_strategy(strategy)
-    if not isinstance(return_potentials, bool):
-        raise TypeError(f"return_potentials must be a bool, got {type(return_potentials).__name__}")
-    return num_iters, cost, scale, epsilon, backend, strategy
+    s = check_op_scalars(q, cost=cost, scale=scale, epsilon=epsilon, backend=backend, num_iters=num_iters,
+                         return_potentials=return_potentials)
+    return s.num_iters, s.cost, s.scale, s.epsilon, s.backend, _check_strategy(strategy)
 
 
 def sinkhorn_attention(
