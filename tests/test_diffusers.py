@@ -118,7 +118,7 @@ def test_self_attn_processor_4d_with_group_norm_residual_and_rescale():
 
 @torch.no_grad()
 def test_self_attn_processor_passes_strided_views_without_copies(monkeypatch):
-    import asag_kernels.diffusers.intercept as asag_diffusers
+    import asag_kernels.settings as asag_settings  # where the perturbed attention calls the op
 
     seen = []
 
@@ -126,7 +126,7 @@ def test_self_attn_processor_passes_strided_views_without_copies(monkeypatch):
         seen.append((q, k, v))
         return asag_kernels.sinkhorn_attention(q, k, v, **kwargs)
 
-    monkeypatch.setattr(asag_diffusers, "sinkhorn_attention", spy)
+    monkeypatch.setattr(asag_settings, "sinkhorn_attention", spy)
     attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
     attn.set_processor(ASAGSelfAttnProcessor())
     attn(torch.randn(2, 6, 16))

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffusers import DDIMScheduler, StableDiffusionPAGPipeline  # noqa: E402
 from diffusers.guiders.guider_utils import rescale_noise_cfg  # noqa: E402
 
-import asag_kernels.diffusers.intercept as intercept  # noqa: E402
+import asag_kernels.settings as asag_settings  # noqa: E402  (where the perturbed attention calls the ops)
 from asag_kernels import backends  # noqa: E402
 from asag_kernels.diffusers import AdversarialSinkhornGuidance, disable_asag, enable_asag  # noqa: E402
 from asag_kernels.diffusers.families import IMAGE_FIRST, TEXT_FIRST  # noqa: E402
@@ -76,7 +76,7 @@ def test_failure_inside_the_denoiser_restores_the_processors(exc, monkeypatch):
     def failing(*args, **kwargs):
         raise exc("mid-run failure")
 
-    monkeypatch.setattr(intercept, "sinkhorn_attention", failing)
+    monkeypatch.setattr(asag_settings, "sinkhorn_attention", failing)
     with pytest.raises(exc):
         _run(pipe, inputs, 5.0, **asag)
     monkeypatch.undo()
@@ -153,7 +153,7 @@ def test_guider_failure_removes_its_hooks(exc, monkeypatch):
     def failing(*args, **kwargs):
         raise exc("mid-run failure")
 
-    monkeypatch.setattr(intercept, "joint_sinkhorn_attention", failing)
+    monkeypatch.setattr(asag_settings, "joint_sinkhorn_attention", failing)
     with pytest.raises(exc):
         _guided_step(guider, model, data, forward)
     monkeypatch.undo()

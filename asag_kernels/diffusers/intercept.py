@@ -10,7 +10,11 @@ diffusers does for that model; this module only decides what the attention call 
 * joint text + image sequences (SD3/SD3.5, Flux double and single stream, Qwen-Image,
   HunyuanVideo): :func:`asag_kernels.joint.joint_sinkhorn_attention` with the image-token range
   from the model's token order and ``joint_mode`` (SPEC §10);
-* a key-padding mask passed by the model: excluded keys (zero mass); any other mask is refused.
+* a key-padding mask passed by the model: excluded keys (zero mass); any other mask is refused
+  (the one rule of :mod:`asag_kernels.masks`, shared with the ComfyUI node pack).
+
+What the perturbed attention computes is :meth:`asag_kernels.settings.SinkhornSettings.attend` (or
+the ``attend`` of any object passed as ``settings``: :mod:`.perturb` passes identity attention for PAG).
 """
 
 from __future__ import annotations
@@ -23,34 +27,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .._validate import check_backend, check_epsilon, check_num_iters
-from ..api import sinkhorn_attention
-from ..joint import check_joint_mode, joint_sinkhorn_attention
+from ..settings import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
 from .families import IMAGE_FIRST, TEXT_FIRST
 
 __all__ = ["SinkhornSettings", "SinkhornSDPAMode", "SinkhornAttentionHook", "TextLengthHook", "install", "uninstall"]
 
-DEFAULT_NUM_ITERS = 2
-DEFAULT_EPSILON = 1.0
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-# An additive mask value at or below this is a dropped key: exp() of it is 0 in float32.
-_DROPPED = -1.0e4
-
-
-@dataclass(frozen=True)
-class SinkhornSettings:
-    """What the perturbed attention computes (validated once, shared by hooks and processors)."""
-
-    num_iters: int = DEFAULT_NUM_ITERS
-    epsilon: float = DEFAULT_EPSILON
-    backend: str = "auto"
-    joint_mode: str = "image"
-
-    def __post_init__(self):
-        object.__setattr__(self, "num_iters", check_num_iters(self.num_iters))
-        object.__setattr__(self, "epsilon", check_epsilon(self.epsilon))
-        object.__setattr__(self, "backend", check_backend(self.backend))
-        object.__setattr__(self, "joint_mode", check_joint_mode(self.joint_mode))
 
 
 @dataclass
@@ -68,45 +50,6 @@ def _bind(args, kwargs) -> dict:
     bound = dict(zip(_SDPA_ARGS, args))
     bound.update(kwargs)
     return bound
-
-
-def _keep_mask(mask: torch.Tensor, module_name: str) -> torch.Tensor:
-    """True where a key may be attended: bool masks as they are, additive masks 0 (keep) / very negative."""
-    if mask.dtype == torch.bool:
-        return mask
-    keep = mask == 0
-    if not bool((keep | (mask <= _DROPPED)).all()):
-        raise NotImplementedError(
-            f"ASAG cannot replace the attention in {module_name!r}: its additive attention mask holds values other "
-            f"than 0 and large negatives (an attention bias), which Sinkhorn attention has no counterpart for"
-        )
-    return keep
-
-
-def key_padding(mask: torch.Tensor | None, batch: int, n: int, module_name: str):
-    """(key_padding_mask [B, N] or None, padded-query rows [B, N] or None) from an SDPA mask.
-
-    Accepted: a key-padding mask (the same for every head and query: ``[B, 1, 1, N]`` as Qwen-Image
-    passes) or its query-and-key form ``m_i & m_j`` (HunyuanVideo 1.5). Anything else raises.
-    """
-    if mask is None:
-        return None, None
-    keep = _keep_mask(mask, module_name)
-    while keep.dim() < 4:
-        keep = keep.unsqueeze(0)
-    keep = keep.expand(batch, keep.shape[1], keep.shape[2], n)
-    if not bool((keep == keep[:, :1]).all()):
-        raise NotImplementedError(f"ASAG cannot replace the attention in {module_name!r}: its mask differs between heads")
-    keep = keep[:, 0]
-    kpm = keep.any(dim=1)  # a key is real if some query may see it
-    if bool((keep == kpm[:, None, :]).all()):
-        return (None if bool(kpm.all()) else kpm), None
-    if keep.shape[1] == n and bool((keep == (kpm[:, :, None] & kpm[:, None, :])).all()):
-        return kpm, ~kpm
-    raise NotImplementedError(
-        f"ASAG cannot replace the attention in {module_name!r}: its attention mask is not a key-padding mask "
-        f"(only masks that drop whole keys, optionally with the same queries, are supported)"
-    )
 
 
 def perturbed_attention(func, args, kwargs, settings: SinkhornSettings, layout: CallLayout, start: int):
@@ -134,8 +77,6 @@ def perturbed_attention(func, args, kwargs, settings: SinkhornSettings, layout: 
         query, key, value = query[start:], key[start:], value[start:]
         if per_sample_mask:
             mask = mask[start:]
-    kpm, padded_queries = key_padding(mask, query.shape[0], n, name)
-
     text = layout.text_tokens
     if text and settings.joint_mode == "image" and layout.token_order not in (TEXT_FIRST, IMAGE_FIRST):
         raise ValueError(
@@ -144,18 +85,11 @@ def perturbed_attention(func, args, kwargs, settings: SinkhornSettings, layout: 
         )
     if not 0 <= text < n:
         raise NotImplementedError(f"ASAG: {name!r} got {text} text tokens in a joint sequence of {n} tokens")
-    kw = dict(num_iters=settings.num_iters, cost="adversarial", scale=bound.get("scale"), epsilon=settings.epsilon,
-              backend=settings.backend)
-    if text == 0 and kpm is None:
-        out = sinkhorn_attention(query, key, value, **kw)
-    else:
-        image_start, image_stop = (text, n) if layout.token_order == TEXT_FIRST else (0, n - text)
-        out = joint_sinkhorn_attention(query, key, value, image_start=image_start, image_stop=image_stop,
-                                       joint_mode=settings.joint_mode, key_padding_mask=kpm, **kw)
-        if padded_queries is not None and bool(padded_queries.any()):
-            # Padded query rows: whatever the model's own masked attention gives them.
-            stock = func(query, key, value, attn_mask=mask, scale=bound.get("scale"))
-            out = torch.where(padded_queries[:, None, :, None], stock.to(out.dtype), out)
+    image_start, image_stop = (text, n) if layout.token_order == TEXT_FIRST else (0, n - text)
+    scale = bound.get("scale")
+    # Padded query rows of an m_i & m_j mask: whatever the model's own masked attention gives them.
+    out = settings.attend(query, key, value, scale=scale, image_start=image_start, image_stop=image_stop, attn_mask=mask,
+                          stock=lambda: func(query, key, value, attn_mask=mask, scale=scale), where=repr(name))
     out = out.to(value.dtype)
     return out if plain is None else torch.cat([plain, out.to(plain.dtype)])
 

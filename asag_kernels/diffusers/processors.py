@@ -18,6 +18,7 @@ from diffusers.pipelines.pag.pag_utils import PAGMixin
 
 from .. import backends
 from .._validate import check_finite_float
+from ..settings import DEFAULT_ASAG_SCALE
 from . import families
 from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSDPAMode, SinkhornSettings, call_layout
 from .layers import denoiser_of, normalise_layers, select_attention_layers
@@ -38,7 +39,6 @@ __all__ = [
     "check_parallelism",
 ]
 
-DEFAULT_ASAG_SCALE = 1.5
 _GUARD_HOOK = "asag_pag_guard"
 
 
