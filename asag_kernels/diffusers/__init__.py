@@ -10,6 +10,8 @@ only its ``scaled_dot_product_attention`` call on the perturbed samples becomes 
 
 * PAG pipelines: :func:`enable_asag` installs the ASAG processor pair (:mod:`.processors`).
 * Modular pipelines: :class:`AdversarialSinkhornGuidance` is the guider (:mod:`.guider`).
+* Any diffusers model in a loop of your own: :func:`perturbed_attention`, a context manager in
+  which the chosen layers compute the perturbed attention (:mod:`.perturb`; ``method="pag"`` for PAG).
 
 Layers are chosen as diffusers' guiders choose them (:mod:`.layers`, :func:`list_attention_layers`);
 per-family defaults and token orders live in :mod:`.families`; joint text+image attention follows
@@ -33,6 +35,7 @@ from ..joint import JOINT_MODES
 from .guider import AdversarialSinkhornGuidance
 from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
 from .layers import list_attention_layers, select_attention_layers
+from .perturb import PERTURBATIONS, perturbed_attention
 from .processors import (
     DEFAULT_ASAG_SCALE,
     ASAGCFGJointAttnProcessor,
@@ -49,6 +52,8 @@ __all__ = [
     "AdversarialSinkhornGuidance",
     "enable_asag",
     "disable_asag",
+    "perturbed_attention",
+    "PERTURBATIONS",
     "list_attention_layers",
     "select_attention_layers",
     "ASAGCFGProcessor",

@@ -281,6 +281,19 @@ def layer_patterns(family: str, choices: tuple[LayerChoice, ...] | None = None) 
     return out
 
 
+def model_default_layers(denoiser) -> list[str]:
+    """The default ASAG layers of ``denoiser``'s family as PAG layer ids; a ValueError naming ``layers``
+    when the model is of no known family (then the user must choose)."""
+    family = family_of(denoiser)
+    if family is None:
+        raise ValueError(
+            f"layers: no default ASAG layers for {type(denoiser).__name__} (not a known family: "
+            f"{sorted(FAMILIES)}); pass layers=, e.g. block indices [7, 8] or module-name patterns "
+            f"(list_attention_layers(model) lists them)"
+        )
+    return layer_patterns(family)
+
+
 def image_token_range(token_order: str, num_tokens: int, num_text_tokens: int) -> tuple[int, int]:
     """``(image_start, image_stop)`` of the image tokens in a joint sequence of ``num_tokens``
     tokens of which ``num_text_tokens`` are text, for ``TEXT_FIRST`` or ``IMAGE_FIRST`` order."""

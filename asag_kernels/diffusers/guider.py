@@ -167,15 +167,7 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         return 0 <= i < len(self._batch_identifiers) and self._batch_identifiers[i] == "pred_cond_asag"
 
     def _layers_for(self, denoiser) -> list:
-        if self.layers is not None:
-            return self.layers
-        family = families.family_of(denoiser)
-        if family is None:
-            raise ValueError(
-                f"layers: no default ASAG layers for {type(denoiser).__name__} (not a known family: "
-                f"{sorted(families.FAMILIES)}); pass layers=, e.g. block indices [7, 8] or module-name patterns"
-            )
-        return families.layer_patterns(family)
+        return self.layers if self.layers is not None else families.model_default_layers(denoiser)
 
     def _remove_hooks(self) -> None:
         installed, self._installed = self._installed, []
