@@ -309,8 +309,9 @@ def test_distributed_bench_smoke(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed_bench.py"
     out = tmp_path / "dist.json"
-    subprocess.run([sys.executable, str(script), "--shape", "2,24,8", "--ranks", "2", "--strategies", "ring",
-                    "--reps", "1", "--json", str(out)], check=True, timeout=600)
+    subprocess.run([sys.executable, str(script), "--shape", "2,24,8", "--ranks", "4", "--strategies", "hybrid",
+                    "--ulysses-degree", "2", "--reps", "1", "--json", str(out)], check=True, timeout=600)
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["ranks"] == 2 and row["median_s"] > 0 and len(row["peak_mib_per_rank"]) == 2
+    assert row["ranks"] == 4 and row["strategy"] == "hybrid U2xR2" and row["median_s"] > 0
+    assert len(row["peak_mib_per_rank"]) == 4
     assert row["sent_bytes_per_rank"] == row["formula_bytes_per_rank"] and min(row["sent_bytes_per_rank"]) > 0
