@@ -249,7 +249,55 @@ def test_world_4_ulysses_ring_hybrid():
         case("ring", [0, 0, 0, 0], [2, 2, 2, 1], potentials=True, expect=("ring", 1)),  # no queries on any rank
         case("hybrid", [0, 0, 0, 0], [2, 2, 2, 1], ulysses_degree=2, potentials=True, expect=("hybrid", 2)),
     ]
-    spawn(4, cases, extra=check_hybrid_errors)
+    spawn(4, cases, extra=check_hybrid_errors_and_joint)
+
+
+def check_joint(rank, world):
+    """Joint text + image attention over shards [text_r, image_r] (or [image_r, text_r]) against the
+    float64 single-process joint op on [every rank's text, every rank's image] (SPEC §10)."""
+    from asag_kernels.joint import joint_sinkhorn_attention
+
+    seed = torch.tensor([random.SystemRandom().randrange(2**31)])
+    dist.broadcast(seed, 0)  # fresh inputs, the same on every rank
+    gen = torch.Generator().manual_seed(int(seed))
+    text, image = [2, 0, 3, 1], [3, 4, 0, 2]
+    b, h, d = 1, 4, 8
+    qkv_t = [torch.randn(b, h, sum(text), d, generator=gen) for _ in range(3)]
+    qkv_i = [torch.randn(b, h, sum(image), d, generator=gen) for _ in range(3)]
+    full = [torch.cat([t, i], 2) for t, i in zip(qkv_t, qkv_i)]
+    t0, i0 = sum(text[:rank]), sum(image[:rank])
+    for mode, image_first, kw in (("image", False, dict(strategy="hybrid", ulysses_degree=2)),
+                                  ("image", True, dict(strategy="ring")), ("joint", False, {})):
+        ref = joint_sinkhorn_attention(*(x.double() for x in full), image_start=sum(text), image_stop=sum(text + image),
+                                       joint_mode=mode, num_iters=2, epsilon=0.7, backend="reference")
+        mine_t = [x[:, :, t0 : t0 + text[rank]] for x in qkv_t]
+        mine_i = [x[:, :, i0 : i0 + image[rank]] for x in qkv_i]
+        parts = (mine_i, mine_t) if image_first else (mine_t, mine_i)
+        local = [torch.cat([a, c], 2) for a, c in zip(*parts)]
+        start = 0 if image_first else text[rank]
+        got = asag_dist.joint_sinkhorn_attention(*local, image_start=start, image_stop=start + image[rank],
+                                                 joint_mode=mode, num_iters=2, epsilon=0.7, **kw)
+        ref_t = ref[:, :, t0 : t0 + text[rank]]
+        ref_i = ref[:, :, sum(text) + i0 : sum(text) + i0 + image[rank]]
+        want = torch.cat([ref_i, ref_t] if image_first else [ref_t, ref_i], 2)
+        assert got.shape == want.shape and got.dtype == F32, (mode, image_first)
+        if want.numel():
+            err = ((got.double() - want).norm() / want.norm()).item()
+            assert err <= out_tolerance(F32), f"joint_mode={mode} image_first={image_first}: rel err {err:.3e}"
+    # Bad local arguments and disagreement raise on every rank.
+    q = torch.randn(1, 2, 3, 8)
+    expected = "image_start and image_stop" if rank == 3 else r"rank\(s\) \[3\]"
+    with pytest.raises(ValueError, match=expected):
+        asag_dist.joint_sinkhorn_attention(q, q, q, image_start=0, image_stop=4 if rank == 3 else 3)
+    with pytest.raises(ValueError, match="same joint_mode"):
+        asag_dist.joint_sinkhorn_attention(q, q, q, image_start=0, image_stop=3, joint_mode=("image", "joint")[rank % 2])
+    with pytest.raises(ValueError, match="at least one image token over all ranks"):
+        asag_dist.joint_sinkhorn_attention(q, q, q, image_start=1, image_stop=1)
+
+
+def check_hybrid_errors_and_joint(rank, world):
+    check_hybrid_errors(rank, world)
+    check_joint(rank, world)
 
 
 def check_hybrid_errors(rank, world):
