@@ -90,3 +90,30 @@ def test_bytes_of_degenerate_hybrids():
     assert bytes_per_rank("hybrid", 0, nq, nk, ulysses_degree=2, **kw) == row + ulysses + ring
     with pytest.raises(ValueError, match="ulysses_degree must be a divisor of the world size 4"):
         bytes_per_rank("hybrid", 0, nq, nk, ulysses_degree=3, **kw)
+
+
+def test_distributed_model_is_consistent():
+    """benchmarks/distributed_model.py (the docs/PERF.md model): its bytes are the formula's, split
+    over the two kinds of link, its "auto" rows are what plan() picks, and no row is faster than its
+    compute or than its slowest link alone."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed_model.py"
+    spec = importlib.util.spec_from_file_location("distributed_model", path)
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    args = SimpleNamespace(iters=2, tflops=640.0, nvlink_gbs=450.0, ib_gbs=50.0)
+    table = model.rows(args)
+    assert {r["gpus"] for r in table} == {8, 16, 32, 64} and {r["shape"] for r in table} == {"video-32k", "video-100k"}
+    for r in table:
+        shards = model._even(r["tokens"], r["gpus"])
+        sent = bytes_per_rank(r["strategy"], 0, shards, shards, problems=r["heads"], d=128, dv=128, elem=2, pot=4,
+                              num_iters=2, potentials=False, ulysses_degree=r["ulysses_degree"])
+        row_bytes = 8 * 25 * (r["gpus"] - 1)
+        assert abs((r["nvlink_mb"] + r["ib_mb"]) * 1e6 - (sent - row_bytes)) < 1.0, r
+        assert r["time_ms"] >= r["compute_ms"] and r["time_ms"] * 1e-3 >= r["ib_mb"] * 1e6 / 50e9 * 0.999, r
+        p = asag_dist.plan(r["heads"], r["gpus"])
+        assert r["auto"] == ((r["strategy"], r["ulysses_degree"]) == (p.strategy, p.ulysses_degree)), r
+    assert "| model |" in model.markdown(table)

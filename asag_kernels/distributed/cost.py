@@ -30,13 +30,15 @@ from .shapes import ROW_LEN
 from .ulysses import problem_split
 
 
-def _ring(index, nq, nk, *, problems, d, dv, elem, pot, num_iters, potentials) -> int:
+def _ring_passes(index, nq, nk, *, problems, d, dv, elem, pot, num_iters, potentials) -> list[int]:
+    """Bytes peer `index` forwards in each pass of the ring, in order: (row, column) x T, final."""
     world = len(nq)
     nxt = (index + 1) % world
     keys, queries = sum(nk) - nk[nxt], sum(nq) - nq[nxt]
-    row_passes = num_iters + (1 if num_iters == 0 and potentials else 0)
-    return (row_passes * keys * problems * (d * elem + pot) + num_iters * queries * problems * (d * elem + pot)
-            + keys * problems * ((d + dv) * elem + pot))
+    row = keys * problems * (d * elem + pot)
+    passes = [row] if num_iters == 0 and potentials else []
+    passes += [row, queries * problems * (d * elem + pot)] * num_iters
+    return passes + [keys * problems * ((d + dv) * elem + pot)]
 
 
 def _ulysses(index, nq, nk, *, problems, d, dv, elem, pot, potentials) -> int:
@@ -51,26 +53,34 @@ def _ulysses(index, nq, nk, *, problems, d, dv, elem, pot, potentials) -> int:
     return total
 
 
-def bytes_per_rank(strategy: str, rank: int, nq, nk, *, problems: int, d: int, dv: int, elem: int, pot: int,
-                   num_iters: int, potentials: bool, ulysses_degree: int | None = None) -> int:
-    """Bytes rank `rank` (shard position) sends in one call with shard lengths `nq`, `nk` (one per
-    rank), for the strategy that ran (``plan(...).strategy``; "hybrid" with its ``ulysses_degree``)."""
+def stage_bytes(strategy: str, rank: int, nq, nk, *, problems: int, d: int, dv: int, elem: int, pot: int,
+                num_iters: int, potentials: bool, ulysses_degree: int | None = None) -> dict:
+    """What rank `rank` (shard position) sends in one call, by stage: ``{"shapes": the shape row,
+    "ulysses": both all-to-alls, "ring": [bytes of each ring pass]}`` (see the module docstring),
+    for the strategy that ran (``plan(...).strategy``; "hybrid" with its ``ulysses_degree``) with
+    shard lengths `nq`, `nk` (one per rank)."""
     world = len(nq)
-    total = ROW_LEN * 8 * (world - 1)
+    stages = dict(shapes=ROW_LEN * 8 * (world - 1), ulysses=0, ring=[])
     if strategy not in ("ulysses", "ring", "hybrid"):
         raise ValueError(f"strategy must be 'ulysses', 'ring' or 'hybrid', got {strategy!r}")
     if sum(nq) == 0 or problems == 0:  # nothing to solve: the empty output needs no transfer
-        return total
+        return stages
     u = {"ulysses": world, "ring": 1}.get(strategy, ulysses_degree)
     if not isinstance(u, int) or u < 1 or world % u:
         raise ValueError(f"ulysses_degree must be a divisor of the world size {world}, got {u!r}")
     i, j = divmod(rank, u)
     sets = [range(b * u, (b + 1) * u) for b in range(world // u)]
     if u > 1:
-        total += _ulysses(j, [nq[s] for s in sets[i]], [nk[s] for s in sets[i]], problems=problems, d=d, dv=dv,
-                          elem=elem, pot=pot, potentials=potentials)
+        stages["ulysses"] = _ulysses(j, [nq[s] for s in sets[i]], [nk[s] for s in sets[i]], problems=problems, d=d,
+                                     dv=dv, elem=elem, pot=pot, potentials=potentials)
     if strategy != "ulysses":
-        total += _ring(i, [sum(nq[s] for s in b) for b in sets], [sum(nk[s] for s in b) for b in sets],
-                       problems=problem_split(problems, u)[j], d=d, dv=dv, elem=elem, pot=pot, num_iters=num_iters,
-                       potentials=potentials)
-    return total
+        stages["ring"] = _ring_passes(i, [sum(nq[s] for s in b) for b in sets], [sum(nk[s] for s in b) for b in sets],
+                                      problems=problem_split(problems, u)[j], d=d, dv=dv, elem=elem, pot=pot,
+                                      num_iters=num_iters, potentials=potentials)
+    return stages
+
+
+def bytes_per_rank(strategy: str, rank: int, nq, nk, **kwargs) -> int:
+    """Bytes rank `rank` sends in one call: the sum of :func:`stage_bytes` (same arguments)."""
+    stages = stage_bytes(strategy, rank, nq, nk, **kwargs)
+    return stages["shapes"] + stages["ulysses"] + sum(stages["ring"])
