@@ -2,6 +2,11 @@
 
     python benchmarks/distributed_bench.py --shape video-32k --ranks 1,2,4 --strategies ulysses,ring
     python benchmarks/distributed_bench.py --shape 12,8192,128 --iters 2 --json dist.json
+    python benchmarks/distributed_bench.py --ranks 4 --strategies ulysses,ring,hybrid --ulysses-degree 2
+
+Strategies as ``asag_kernels.distributed.sinkhorn_attention`` takes them; ``hybrid`` runs with
+``--ulysses-degree U`` (Ulysses inside sets of U consecutive ranks, a ring across the sets) on the
+world sizes it divides with 1 < U < ranks (other rows are left out, saying so).
 
 Each (ranks, strategy) row spawns a fresh world (gloo on the CPU; NCCL, one GPU per rank, with
 ``--device cuda`` when there are enough GPUs). Every rank draws the full ``[1, H, N, D]`` inputs
@@ -41,6 +46,8 @@ from asag_kernels._spec import ALL_SHAPES
 from asag_kernels.benchmarking import DTYPES, PeakMemory, make_call, make_inputs, provenance, time_fn, time_fns
 from asag_kernels.distributed.cost import bytes_per_rank
 
+_STRATEGIES = ("ulysses", "ring", "hybrid")
+
 
 def _shape(text: str) -> tuple[str, tuple[int, int, int]]:
     if text in ALL_SHAPES:
@@ -66,9 +73,9 @@ def _ints(text: str) -> list[int]:
 
 def _strategies(text: str) -> list[str]:
     values = [x for x in text.split(",") if x]
-    bad = [x for x in values if x not in ("ulysses", "ring")]
+    bad = [x for x in values if x not in _STRATEGIES]
     if not values or bad:
-        raise argparse.ArgumentTypeError(f"--strategies takes ulysses and/or ring, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--strategies takes {', '.join(_STRATEGIES)} (comma-separated), got {text!r}")
     return values
 
 
@@ -76,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", type=_shape, default=_shape("sdxl-mid"), help="SPEC §7 name or H,N,D (default sdxl-mid)")
     p.add_argument("--ranks", type=_ints, default=[1, 2, 4], help="world sizes (default 1,2,4)")
-    p.add_argument("--strategies", type=_strategies, default=["ulysses", "ring"])
+    p.add_argument("--strategies", type=_strategies, default=["ulysses", "ring"],
+                   help="comma-separated ulysses, ring, hybrid (default ulysses,ring)")
+    p.add_argument("--ulysses-degree", type=int, default=2, help="the hybrid's Ulysses degree U (default 2)")
     p.add_argument("--iters", type=int, default=2, help="num_iters (default 2)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--backend", default="auto")
@@ -104,10 +113,11 @@ def _rank_main(rank, world, init_method, cfg, result_dir):
     with torch.no_grad():
         full = make_inputs((h, n, d), dtype, "cpu")
         q, k, v = (t[..., start : start + lengths[rank], :].to(device).clone() for t in full)
-        kw = dict(num_iters=cfg["iters"], backend=cfg["backend"], cost="adversarial", epsilon=1.0)
+        kw = dict(num_iters=cfg["iters"], backend=cfg["backend"], cost="adversarial", epsilon=1.0,
+                  strategy=cfg["strategy"], ulysses_degree=cfg["ulysses_degree"])
 
         def call():
-            return asag_dist.sinkhorn_attention(q, k, v, strategy=cfg["strategy"], **kw)
+            return asag_dist.sinkhorn_attention(q, k, v, **kw)
 
         def synced():
             dist.barrier()
@@ -116,7 +126,7 @@ def _rank_main(rank, world, init_method, cfg, result_dir):
         # Start-up on tiny shards first (library loading, first-use caches), so that the measured
         # call's peak is the call's own, as asag-bench measures it.
         tiny = [t[..., :2, :].clone() for t in (q, k, v)]
-        asag_dist.sinkhorn_attention(*tiny, strategy=cfg["strategy"], **kw)
+        asag_dist.sinkhorn_attention(*tiny, **kw)
         del tiny
         dist.barrier()
         asag_dist.reset_bytes_sent()
@@ -127,7 +137,8 @@ def _rank_main(rank, world, init_method, cfg, result_dir):
         row = dict(rank=rank, threads=threads, shard=lengths[rank], peak_mib=peak.mib, sent_bytes=sent,
                    formula_bytes=bytes_per_rank(cfg["strategy"], rank, lengths, lengths, problems=h, d=d, dv=d,
                                                 elem=q.element_size(), pot=8 if dtype == torch.float64 else 4,
-                                                num_iters=cfg["iters"], potentials=False))
+                                                num_iters=cfg["iters"], potentials=False,
+                                                ulysses_degree=cfg["ulysses_degree"]))
         if world == 1 and cfg["sdpa"]:
             sdpa = make_call("sdpa", q, k, v, cfg["iters"])
             op_t, sdpa_t = time_fns([call, sdpa], device=device, warmup=cfg["warmup"], reps=cfg["reps"])
@@ -142,15 +153,18 @@ def _rank_main(rank, world, init_method, cfg, result_dir):
 
 
 def run_world(world: int, strategy: str, args) -> dict:
+    u = args.ulysses_degree if strategy == "hybrid" else None
     cfg = dict(shape=args.shape[1], iters=args.iters, dtype=args.dtype, backend=args.backend, device=args.device,
-               warmup=args.warmup, reps=args.reps, threads=args.threads, strategy=strategy, sdpa=args.sdpa)
+               warmup=args.warmup, reps=args.reps, threads=args.threads, strategy=strategy, sdpa=args.sdpa,
+               ulysses_degree=u)
     with tempfile.TemporaryDirectory(prefix="asag_dist_bench_") as tmp:
         tmp = Path(tmp)
         mp.spawn(_rank_main, args=(world, f"file://{tmp / 'rendezvous'}", cfg, tmp), nprocs=world, join=True)
         ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
     # A call ends when its slowest rank does: the row's time per call is the maximum over ranks.
     per_call = [max(r["times_s"][i] for r in ranks) for i in range(len(ranks[0]["times_s"]))]
-    row = dict(shape=args.shape[0], ranks=world, strategy=strategy, dtype=args.dtype, num_iters=args.iters,
+    row = dict(shape=args.shape[0], ranks=world, strategy=strategy if u is None else f"hybrid U{u}xR{world // u}",
+               ulysses_degree=u, dtype=args.dtype, num_iters=args.iters,
                median_s=statistics.median(per_call), peak_mib_per_rank=[r["peak_mib"] for r in ranks],
                sent_bytes_per_rank=[r["sent_bytes"] for r in ranks],
                formula_bytes_per_rank=[r["formula_bytes"] for r in ranks], threads_per_rank=ranks[0]["threads"],
@@ -166,7 +180,7 @@ def _fmt_row(row: dict) -> str:
     sent = max(row["sent_bytes_per_rank"]) / 2**20
     formula = max(row["formula_bytes_per_rank"]) / 2**20
     extra = f"  vs SDPA {row['vs_sdpa']:.2f}x" if "vs_sdpa" in row else ""
-    return (f"{row['shape']:>14} {row['ranks']:>5} {row['strategy']:>8} {row['median_s']:>10.2f} "
+    return (f"{row['shape']:>14} {row['ranks']:>5} {row['strategy']:>12} {row['median_s']:>10.2f} "
             f"{peak:>22} {sent:>12.1f} {formula:>12.1f}{extra}")
 
 
@@ -178,10 +192,15 @@ def main(argv=None) -> int:
     report = dict(provenance=provenance(args.device), rows=[])
     print(f"# {report['provenance']['device']}, {report['provenance']['cpu_count']} cores, "
           f"torch {report['provenance']['torch']}, {report['provenance']['utc']}, load {os.getloadavg()[0]:.1f}")
-    print(f"{'shape':>14} {'ranks':>5} {'strategy':>8} {'median_s':>10} {'peak MiB per rank':>22} "
+    print(f"{'shape':>14} {'ranks':>5} {'strategy':>12} {'median_s':>10} {'peak MiB per rank':>22} "
           f"{'sent MiB':>12} {'formula MiB':>12}")
     for world in args.ranks:
         for strategy in args.strategies:
+            u = args.ulysses_degree
+            if strategy == "hybrid" and not (1 < u < world and world % u == 0 and args.shape[1][0] % u == 0):
+                print(f"{'':>14} {world:>5} {'hybrid':>12}  left out: --ulysses-degree {u} must divide the ranks "
+                      f"and the heads and lie strictly between 1 and the ranks", flush=True)
+                continue
             row = run_world(world, strategy, args)
             report["rows"].append(row)
             print(_fmt_row(row), flush=True)

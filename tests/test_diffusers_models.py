@@ -27,7 +27,7 @@ from asag_kernels.diffusers import AdversarialSinkhornGuidance, list_attention_l
 from conftest import rel_err  # noqa: E402
 from test_joint import reference_joint  # noqa: E402
 
-TEXT_TOKENS = 6  # even: tests/test_diffusers_context_parallel.py shards these inputs over 2 ranks
+TEXT_TOKENS = 6
 
 
 def _g(seed):
@@ -75,18 +75,22 @@ def _sd3():
     return model, data, forward, 16, "image_first"
 
 
-def _flux():
+def _flux(text_tokens=TEXT_TOKENS, grid=(3, 4)):
+    """`text_tokens` and a `grid` of image tokens (tests/test_diffusers_context_parallel.py takes
+    counts that divide over its ranks)."""
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
     ).eval()
     g = _g(3)
-    latents = torch.randn(1, 12, 4, generator=g)  # packed latents: 12 image tokens
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(3.0), torch.arange(4.0), indexing="ij"), -1).reshape(12, 3)
-    txt_ids = torch.zeros(TEXT_TOKENS, 3)
+    image = grid[0] * grid[1]
+    latents = torch.randn(1, image, 4, generator=g)  # packed latents: one token per grid cell
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(grid[0])), torch.arange(float(grid[1])),
+                                         indexing="ij"), -1).reshape(image, 3)
+    txt_ids = torch.zeros(text_tokens, 3)
     data = {
-        "encoder_hidden_states": (torch.randn(1, TEXT_TOKENS, 16, generator=g), torch.randn(1, TEXT_TOKENS, 16, generator=g)),
+        "encoder_hidden_states": (torch.randn(1, text_tokens, 16, generator=g), torch.randn(1, text_tokens, 16, generator=g)),
         "pooled_projections": (torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)),
     }
 
@@ -95,7 +99,7 @@ def _flux():
                      pooled_projections=batch.pooled_projections, timestep=torch.tensor([0.5]), img_ids=img_ids,
                      txt_ids=txt_ids, return_dict=False)[0]
 
-    return model, data, forward, 12, "text_first"
+    return model, data, forward, image, "text_first"
 
 
 def _run(guider, model, data, forward, step=0, steps=2):

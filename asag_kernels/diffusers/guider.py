@@ -20,7 +20,8 @@ from .._validate import check_finite_float, check_fraction
 from . import families
 from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornAttentionHook, SinkhornSettings, install, uninstall
 from .layers import normalise_layers, select_attention_layers, single_stream_blocks
-from .processors import DEFAULT_ASAG_SCALE, check_device_support, check_parallelism
+from .context_parallel import check_context_parallel
+from .processors import DEFAULT_ASAG_SCALE, check_device_support
 
 __all__ = ["AdversarialSinkhornGuidance"]
 
@@ -181,7 +182,8 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         if id(denoiser) not in self._checked:
             check_device_support(self.settings.backend, denoiser)
             self._checked.add(id(denoiser))
-        check_parallelism(denoiser, self.settings.joint_mode)
+        # The guider's hooks take context-parallel calls at the attention dispatch (exact for any degrees).
+        check_context_parallel(denoiser, self.settings.joint_mode, sharded=True)
         modules = select_attention_layers(denoiser, self._layers_for(denoiser))
         family = families.family_of(denoiser)
         token_order = families.get_family(family).token_order if family else None

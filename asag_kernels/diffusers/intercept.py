@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..settings import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
+from .context_parallel import ShardedSinkhorn
 from .families import IMAGE_FIRST, TEXT_FIRST
 
 __all__ = ["SinkhornSettings", "SinkhornSDPAMode", "SinkhornAttentionHook", "TextLengthHook", "install", "uninstall"]
@@ -159,7 +160,8 @@ def call_layout(module_name: str, args, kwargs, token_order, text_lengths: tuple
 
 
 class SinkhornAttentionHook(ModelHook):
-    """On a chosen attention module: runs its forward under :class:`SinkhornSDPAMode` (all samples perturbed)."""
+    """On a chosen attention module: runs its forward under :class:`SinkhornSDPAMode` (all samples
+    perturbed) and, under context parallelism, :class:`.context_parallel.ShardedSinkhorn`."""
 
     def __init__(self, module_name: str, settings: SinkhornSettings, token_order: str | None, text_lengths: tuple = ()):
         super().__init__()
@@ -169,12 +171,15 @@ class SinkhornAttentionHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         self.forward_calls += 1
-        mode = SinkhornSDPAMode(self.settings, call_layout(self.module_name, args, kwargs, self.token_order, self.text_lengths))
+        layout = call_layout(self.module_name, args, kwargs, self.token_order, self.text_lengths)
+        mode = SinkhornSDPAMode(self.settings, layout)
+        # Context parallelism: the call is taken at diffusers' attention dispatch (a no-op without it).
+        sharded = ShardedSinkhorn(module, self.settings, layout, self.text_lengths, mode)
         try:
-            with mode:
+            with mode, sharded:
                 return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            self.replaced_calls += mode.replaced_calls
+            self.replaced_calls += mode.replaced_calls + sharded.replaced_calls
 
 
 def install(modules: dict, settings: SinkhornSettings, name: str, token_order: str | None, blocks: dict,

@@ -4,7 +4,10 @@ small all_gather, then the same cross-rank checks on every rank (so all raise to
 Each rank contributes a float64 row (integers below 2**53 are exact in it):
 
     [error, q.dim, lead dims (padded to MAX_LEAD_DIMS with -1), Nq, Nk, D, Dv, dtype, device type,
-     num_iters, cost, scale is None, scale, epsilon, backend, strategy, return_potentials]
+     num_iters, cost, scale is None, scale, epsilon, backend, strategy, ulysses_degree (0: None),
+     return_potentials]
+
+Rows are gathered in shard order (:meth:`.topology.Topology.gather_rows`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .comm import all_gather_rows
 
 MAX_LEAD_DIMS = 8
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -22,7 +24,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = (
     ("error", 1), ("ndim", 1), ("lead", MAX_LEAD_DIMS), ("nq", 1), ("nk", 1), ("d", 1), ("dv", 1),
     ("dtype", 1), ("device", 1), ("num_iters", 1), ("cost", 1), ("scale_none", 1), ("scale", 1),
-    ("epsilon", 1), ("backend", 1), ("strategy", 1), ("return_potentials", 1),
+    ("epsilon", 1), ("backend", 1), ("strategy", 1), ("ulysses_degree", 1), ("return_potentials", 1),
 )
 _SLICES = {}
 _pos = 0
@@ -36,13 +38,13 @@ _LABELS = {
     "ndim": "number of dims of q", "lead": "leading dims", "d": "head dim D", "dv": "value dim Dv",
     "dtype": "dtype", "device": "device type", "num_iters": "num_iters", "cost": "cost",
     "scale_none": "scale (None or not)", "scale": "scale", "epsilon": "epsilon", "backend": "backend",
-    "strategy": "strategy", "return_potentials": "return_potentials",
+    "strategy": "strategy", "ulysses_degree": "ulysses_degree", "return_potentials": "return_potentials",
 }
 
 
 @dataclass(frozen=True)
 class Layout:
-    """What every rank holds: shard lengths in group-rank order and the common shapes."""
+    """What every rank holds: shard lengths in shard order and the common shapes."""
 
     rank: int
     world: int
@@ -84,10 +86,11 @@ def encode(q, k, v, *, error: bool, codes: dict[str, float], device) -> torch.Te
     return row.to(device)
 
 
-def exchange(q, k, v, *, local_error: BaseException | None, codes, rank: int, world: int, group, device) -> Layout:
+def exchange(q, k, v, *, local_error: BaseException | None, codes, topology) -> Layout:
     """Gather every rank's row; raise on every rank if any rank's inputs were bad or the ranks
     disagree; else the Layout."""
-    rows = all_gather_rows(encode(q, k, v, error=local_error is not None, codes=codes, device=device), world, group)
+    rank, world = topology.rank, topology.world
+    rows = topology.gather_rows(encode(q, k, v, error=local_error is not None, codes=codes, device=topology.device))
     rows = rows.cpu()
     bad = [r for r in range(world) if rows[r, 0] != 0]
     if local_error is not None:

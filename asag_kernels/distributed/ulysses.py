@@ -1,74 +1,66 @@
-"""Ulysses: trade the sequence shard for a shard of the problems, solve whole sequences, trade back.
+"""Ulysses: trade the sequence shard for a share of the problems among a set of peers, and back.
 
-The leading dims are flattened into P = prod(lead) independent problems (batch × heads); rank s
-solves problems [p_s, p_s + h_s) with h_s = P // W (+1 for the first P % W ranks), so P need not
-divide by the world size W (ranks with h_s = 0 only relay). One uneven ``all_to_all_single``
-carries q, k and v (flattened, concatenated per destination); one carries out back and, when asked,
-one more carries f and g (float32/float64).
+The leading dims are flattened into P independent problems (batch × heads); peer s of a set of U
+solves problems ``[p_s, p_s + h_s)`` with ``h_s = P // U`` (+1 for the first ``P % U`` peers), so P
+need not divide by U (peers with ``h_s = 0`` only relay). One uneven ``all_to_all_single`` carries
+q, k and v (flattened, concatenated per destination) and leaves each peer the set's whole
+concatenated sequence for its problems; :func:`to_rows` carries a result back (out; f and g when
+asked), each peer getting its own rows of every problem.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import backends
-from ..api import sinkhorn_attention as _single_process
-from ..ops import potential_dtype
-from .comm import all_to_all
+from .comm import Peers, all_to_all
 from .shapes import Layout
 
 
 def problem_split(problems: int, world: int) -> list[int]:
-    """How many of the flattened leading-dim problems each rank solves."""
+    """How many of the flattened leading-dim problems each of `world` peers solves."""
     base, extra = divmod(problems, world)
     return [base + (1 if s < extra else 0) for s in range(world)]
 
 
-def run(q, k, v, layout: Layout, *, group, num_iters, cost, scale, epsilon, backend, need_potentials):
-    r, world, d, dv = layout.rank, layout.world, layout.d, layout.dv
-    nq_tot, nk_tot = sum(layout.nq), sum(layout.nk)
-    lead = tuple(q.shape[:-2])
-    heads = problem_split(layout.heads, world)
+def to_heads(q3, k3, v3, nq, nk, peers: Peers):
+    """This peer's problems over the set's whole sequence.
+
+    Args:
+        q3, k3, v3: ``[P, nq[me], D]``, ``[P, nk[me], D]``, ``[P, nk[me], Dv]``: this peer's shard.
+        nq, nk: every peer's shard lengths, in shard order.
+
+    Returns:
+        ``[h, Σ nq, D]``, ``[h, Σ nk, D]``, ``[h, Σ nk, Dv]`` with h = this peer's problem count.
+    """
+    me, u = peers.index, peers.size
+    d, dv = q3.shape[-1], v3.shape[-1]
+    heads = problem_split(q3.shape[0], u)
     hoff = Layout.offsets(heads)
-    # Resolve before any transfer: every rank fails alike if the backend cannot run here.
-    if backend != "auto":
-        backends.resolve(backend, q.device, q.dtype, max(d, dv))
-    q3, k3, v3 = (t.reshape((layout.heads,) + t.shape[-2:]) for t in (q, k, v))
+    h = heads[me]
 
     def mine(t, s):
         return t[hoff[s] : hoff[s] + heads[s]]
 
-    sends = [torch.cat([mine(t, s).reshape(-1) for t in (q3, k3, v3)]) for s in range(world)]
-    recv_numels = [heads[r] * (layout.nq[s] * d + layout.nk[s] * (d + dv)) for s in range(world)]
-    pieces = all_to_all(sends, recv_numels, r, group)
+    sends = [torch.cat([mine(t, s).reshape(-1) for t in (q3, k3, v3)]) for s in range(u)]
+    recv_numels = [h * (nq[s] * d + nk[s] * (d + dv)) for s in range(u)]
+    pieces = all_to_all(sends, recv_numels, peers)
     del sends
     qs, ks, vs = [], [], []
     for s, piece in enumerate(pieces):
-        a, b = heads[r] * layout.nq[s] * d, heads[r] * layout.nk[s] * d
-        qs.append(piece[:a].view(heads[r], layout.nq[s], d))
-        ks.append(piece[a : a + b].view(heads[r], layout.nk[s], d))
-        vs.append(piece[a + b :].view(heads[r], layout.nk[s], dv))
-    pot = potential_dtype(q.dtype)
-    if heads[r]:
-        out, f, g = _single_process(
-            torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1), num_iters=num_iters, cost=cost, scale=scale,
-            epsilon=epsilon, backend=backend, return_potentials=True,
-        )
-    else:
-        out = q.new_empty((0, nq_tot, dv))
-        f, g = q.new_empty((0, nq_tot), dtype=pot), q.new_empty((0, nk_tot), dtype=pot)
-    del qs, ks, vs, pieces
-    qoff, koff = Layout.offsets(layout.nq), Layout.offsets(layout.nk)
+        a, b = h * nq[s] * d, h * nk[s] * d
+        qs.append(piece[:a].view(h, nq[s], d))
+        ks.append(piece[a : a + b].view(h, nk[s], d))
+        vs.append(piece[a + b :].view(h, nk[s], dv))
+    return torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1)
 
-    def back(t, offsets, lengths, width):
-        """Rows of every rank's shard to that rank; this rank's rows of every problem back."""
-        sends = [t[:, offsets[s] : offsets[s] + lengths[s]] for s in range(world)]
-        got = all_to_all(sends, [heads[s] * lengths[r] * width for s in range(world)], r, group)
-        return torch.cat([p.view(heads[s], lengths[r], width) for s, p in enumerate(got)], 0)
 
-    out_r = back(out, qoff, layout.nq, dv).reshape(lead + (layout.nq[r], dv))
-    if not need_potentials:
-        return out_r, None, None
-    f_r = back(f.unsqueeze(-1), qoff, layout.nq, 1).reshape(lead + (layout.nq[r],))
-    g_r = back(g.unsqueeze(-1), koff, layout.nk, 1).reshape(lead + (layout.nk[r],))
-    return out_r, f_r, g_r
+def to_rows(t, lengths, problems: int, peers: Peers):
+    """The inverse trade for a result: ``t`` ``[h, Σ lengths, width]`` (this peer's problems over the
+    set's sequence) -> ``[problems, lengths[me], width]`` (this peer's rows of every problem)."""
+    me, u = peers.index, peers.size
+    heads = problem_split(problems, u)
+    width = t.shape[-1]
+    offsets = Layout.offsets(lengths)
+    sends = [t[:, offsets[s] : offsets[s] + lengths[s]] for s in range(u)]
+    got = all_to_all(sends, [heads[s] * lengths[me] * width for s in range(u)], peers)
+    return torch.cat([p.view(heads[s], lengths[me], width) for s, p in enumerate(got)], 0)
