@@ -230,7 +230,9 @@ def test_oracle_on_head_slice_equals_full_problem_heads():
     sliced, name = core.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=2**30)
     assert "reference" in name
     full = sinkhorn_attention(q.double(), k.double(), v.double(), num_iters=2, backend="reference")
-    assert torch.equal(sliced, full[:, heads])
+    # Two heads against five: batched GEMMs of another shape may round differently, so SPEC §4's
+    # float64 bound rather than bitwise equality.
+    assert core.relative_error(sliced, full[:, heads]) <= out_tolerance(torch.float64)
     # Over the budget the float64 torch backend stands in for the materialising reference.
     streamed, name = core.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=1)
     assert "torch" in name and core.relative_error(streamed, sliced) < 1e-12

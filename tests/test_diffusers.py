@@ -30,6 +30,7 @@ from diffusers import (  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0  # noqa: E402
 
 import asag_kernels  # noqa: E402
+from asag_kernels._spec import out_tolerance  # noqa: E402
 from asag_kernels.diffusers.families import IMAGE_FIRST  # noqa: E402
 from asag_kernels.diffusers import (  # noqa: E402
     AdversarialSinkhornGuidance,
@@ -40,6 +41,7 @@ from asag_kernels.diffusers import (  # noqa: E402
     disable_asag,
     enable_asag,
 )
+from conftest import rel_err  # noqa: E402
 from test_joint import reference_joint  # noqa: E402
 
 CROSS_DIM = 16
@@ -362,8 +364,11 @@ def test_joint_processor_matches_sdpa_and_sinkhorn(cfg, joint_mode):
     attn.set_processor(cls(joint_mode=joint_mode, token_order=IMAGE_FIRST))
     img, txt = attn(image, text)
     n_plain = chunks - 1
-    torch.testing.assert_close(img[:n_plain], plain_img[:n_plain], rtol=0, atol=0)
-    torch.testing.assert_close(txt[:n_plain], plain_txt[:n_plain], rtol=0, atol=0)
+    # The unperturbed chunks are SDPA on a batch of n_plain rows, the stock processor's on all
+    # chunks: a GEMM rounds by batch shape (and threads, CPU), so SPEC §4's float32 bound, not bits.
+    tol = out_tolerance(torch.float32)
+    assert rel_err(img[:n_plain], plain_img[:n_plain]) <= tol, f"{rel_err(img[:n_plain], plain_img[:n_plain]):.2e}"
+    assert rel_err(txt[:n_plain], plain_txt[:n_plain]) <= tol, f"{rel_err(txt[:n_plain], plain_txt[:n_plain]):.2e}"
 
     # the perturbed chunk: SPEC §10 on the joint [image, text] sequence (float64), then both output projections
     x, c = image[n_plain:], text[n_plain:]
