@@ -82,3 +82,10 @@ def test_workspace_bound_in_docs_is_the_code_constant(monkeypatch):
     assert quoted, "SPEC §5 no longer quotes the workspace bound as [0, 2**N] (M MiB"
     assert 2 ** int(quoted.group(1)) == int(quoted.group(2)) == _env.MAX_WORKSPACE_MB
     assert quoted.group(2) == printed
+
+
+def test_distributed_leading_dims_bound_in_spec_is_the_code_constant():
+    from asag_kernels.distributed.shapes import MAX_LEAD_DIMS
+
+    quoted = re.findall(r"At most (\d+) leading\s+dims", SPEC)
+    assert quoted and all(int(n) == MAX_LEAD_DIMS for n in quoted), f"SPEC quotes {quoted}, code {MAX_LEAD_DIMS}"
