@@ -5,7 +5,7 @@ recomputed with Sinkhorn attention under the adversarial cost in a few self-atte
 
     pred = pred_uncond + w_cfg * (pred_cond - pred_uncond) + s_asag * (pred_cond - pred_cond_asag)
 
-Two ways in, sharing one mechanism (:mod:`.intercept`: diffusers' own attention processor runs and
+Three ways in, sharing one mechanism (:mod:`.intercept`: diffusers' own attention processor runs and
 only its ``scaled_dot_product_attention`` call on the perturbed samples becomes Sinkhorn attention):
 
 * PAG pipelines: :func:`enable_asag` installs the ASAG processor pair (:mod:`.processors`).
@@ -13,9 +13,12 @@ only its ``scaled_dot_product_attention`` call on the perturbed samples becomes 
 * Any diffusers model in a loop of your own: :func:`perturbed_attention`, a context manager in
   which the chosen layers compute the perturbed attention (:mod:`.perturb`; ``method="pag"`` for PAG).
 
-Layers are chosen as diffusers' guiders choose them (:mod:`.layers`, :func:`list_attention_layers`);
-per-family defaults and token orders live in :mod:`.families`; joint text+image attention follows
-``joint_mode`` (SPEC §10). Install with ``pip install "asag-kernels[diffusers]"``.
+The three routes never import from each other: what they share (the checks made before a denoiser
+is changed, hooking the chosen layers, the one failure guard, the one "nothing was perturbed" error)
+is :mod:`._common`. Layers are chosen as diffusers' guiders choose them (:mod:`.layers`,
+:func:`list_attention_layers`); per-family defaults and token orders live in :mod:`.families`;
+joint text+image attention follows ``joint_mode`` (SPEC §10). Install with
+``pip install "asag-kernels[diffusers]"``.
 """
 
 from __future__ import annotations
@@ -32,12 +35,11 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test 
     ) from exc
 
 from ..joint import JOINT_MODES
+from ..settings import DEFAULT_ASAG_SCALE, DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
 from .guider import AdversarialSinkhornGuidance
-from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
 from .layers import list_attention_layers, select_attention_layers
 from .perturb import PERTURBATIONS, perturbed_attention
 from .processors import (
-    DEFAULT_ASAG_SCALE,
     ASAGCFGJointAttnProcessor,
     ASAGCFGProcessor,
     ASAGCFGSelfAttnProcessor,
