@@ -175,6 +175,20 @@ def test_processor_validates_its_arguments():
         ASAGCFGProcessor(backend="fast")
 
 
+@pytest.mark.parametrize("module", ["asag_kernels.diffusers", "asag_kernels.diffusers.processors"])
+def test_first_release_processor_names_warn_and_are_the_pair(module):
+    import importlib
+
+    mod = importlib.import_module(module)
+    for old, new in [("ASAGCFGSelfAttnProcessor", ASAGCFGProcessor), ("ASAGCFGJointAttnProcessor", ASAGCFGProcessor),
+                     ("ASAGSelfAttnProcessor", ASAGProcessor), ("ASAGJointAttnProcessor", ASAGProcessor)]:
+        with pytest.warns(FutureWarning, match=f"{old} is deprecated.*use {new.__name__}"):
+            assert getattr(mod, old) is new
+        assert old not in mod.__all__
+    with pytest.raises(AttributeError, match="ASAGFooProcessor"):
+        getattr(mod, "ASAGFooProcessor")
+
+
 @torch.no_grad()
 def test_processor_says_when_the_stock_processor_made_no_sdpa_call():
     from diffusers.models.attention_processor import AttnProcessor

@@ -8,7 +8,8 @@ recomputed with Sinkhorn attention under the adversarial cost in a few self-atte
 Three ways in, sharing one mechanism (:mod:`.intercept`: diffusers' own attention processor runs and
 only its ``scaled_dot_product_attention`` call on the perturbed samples becomes Sinkhorn attention):
 
-* PAG pipelines: :func:`enable_asag` installs the ASAG processor pair (:mod:`.processors`).
+* PAG pipelines: :func:`enable_asag` installs the ASAG processor pair, :class:`ASAGCFGProcessor` and
+  :class:`ASAGProcessor` (:mod:`.processors`).
 * Modular pipelines: :class:`AdversarialSinkhornGuidance` is the guider (:mod:`.guider`).
 * Any diffusers model in a loop of your own: :func:`perturbed_attention`, a context manager in
   which the chosen layers compute the perturbed attention (:mod:`.perturb`; ``method="pag"`` for PAG).
@@ -36,19 +37,11 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test 
 
 from ..joint import JOINT_MODES
 from ..settings import DEFAULT_ASAG_SCALE, DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
+from . import processors as _processors
 from .guider import AdversarialSinkhornGuidance
 from .layers import list_attention_layers, select_attention_layers
 from .perturb import PERTURBATIONS, perturbed_attention
-from .processors import (
-    ASAGCFGJointAttnProcessor,
-    ASAGCFGProcessor,
-    ASAGCFGSelfAttnProcessor,
-    ASAGJointAttnProcessor,
-    ASAGProcessor,
-    ASAGSelfAttnProcessor,
-    disable_asag,
-    enable_asag,
-)
+from .processors import ASAGCFGProcessor, ASAGProcessor, disable_asag, enable_asag
 
 __all__ = [
     "AdversarialSinkhornGuidance",
@@ -60,13 +53,16 @@ __all__ = [
     "select_attention_layers",
     "ASAGCFGProcessor",
     "ASAGProcessor",
-    "ASAGCFGSelfAttnProcessor",
-    "ASAGSelfAttnProcessor",
-    "ASAGCFGJointAttnProcessor",
-    "ASAGJointAttnProcessor",
     "SinkhornSettings",
     "JOINT_MODES",
     "DEFAULT_ASAG_SCALE",
     "DEFAULT_NUM_ITERS",
     "DEFAULT_EPSILON",
 ]
+
+
+def __getattr__(name: str):
+    # The first release's processor names (ASAGCFGSelfAttnProcessor, ...): the pair, with a FutureWarning.
+    if name in _processors._DEPRECATED_NAMES:
+        return _processors._deprecated_name(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

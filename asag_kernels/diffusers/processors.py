@@ -10,6 +10,7 @@ into Sinkhorn attention (:mod:`.intercept`), so any processor that calls SDPA is
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -22,18 +23,40 @@ from ._common import FailureGuard, check_denoiser, nothing_perturbed
 from .intercept import SinkhornSDPAMode, call_layout, remove_hook
 from .layers import denoiser_of, normalise_layers, select_attention_layers
 
-__all__ = [
-    "ASAGCFGProcessor",
-    "ASAGProcessor",
-    "ASAGCFGSelfAttnProcessor",
-    "ASAGSelfAttnProcessor",
-    "ASAGCFGJointAttnProcessor",
-    "ASAGJointAttnProcessor",
-    "enable_asag",
-    "disable_asag",
-]
+__all__ = ["ASAGCFGProcessor", "ASAGProcessor", "enable_asag", "disable_asag"]
 
 _GUARD_HOOK = "asag_pag_guard"
+
+# The names of the first release, which had a self- and a joint-attention class for each batch
+# layout; one pair serves both now. Kept as aliases that warn, so code written for that release
+# runs and says what to change.
+_DEPRECATED_NAMES = {
+    "ASAGCFGSelfAttnProcessor": "ASAGCFGProcessor",
+    "ASAGCFGJointAttnProcessor": "ASAGCFGProcessor",
+    "ASAGSelfAttnProcessor": "ASAGProcessor",
+    "ASAGJointAttnProcessor": "ASAGProcessor",
+}
+
+
+def _deprecated_name(name: str):
+    """The class a deprecated name of :data:`_DEPRECATED_NAMES` stands for, with a ``FutureWarning``
+    (diffusers' category for deprecations: shown to users by default). Called from a module
+    ``__getattr__``, so the warning points two frames up: at the user's import or attribute access."""
+    new = _DEPRECATED_NAMES[name]
+    warnings.warn(
+        f"{name} is deprecated and will be removed in a future release: use {new}, the same class "
+        f"(one processor serves self- and joint attention)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return globals()[new]
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED_NAMES:
+        return _deprecated_name(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _perturbed_start(batch: int, plain_chunks: int, who: str) -> int:
     """Index of the first perturbed sample in a batch of ``plain_chunks + 1`` equal chunks."""
@@ -118,11 +141,6 @@ class ASAGProcessor(_ASAGProcessorBase):
     """PAG processor without classifier-free guidance (``pag_attn_processors[1]``): batch ``[cond, perturbed]``."""
 
     _plain_chunks = 1
-
-
-# The names of the first release: one pair serves self- and joint attention now.
-ASAGCFGSelfAttnProcessor = ASAGCFGJointAttnProcessor = ASAGCFGProcessor
-ASAGSelfAttnProcessor = ASAGJointAttnProcessor = ASAGProcessor
 
 
 def _is_asag(processor) -> bool:
