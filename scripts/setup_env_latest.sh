@@ -26,8 +26,11 @@ if [ ! -f "$COMFYUI_DIR/requirements.txt" ]; then
   exit 1
 fi
 COMFYUI_DIR="$(cd "$COMFYUI_DIR" && pwd)"
+# shellcheck source=scripts/_steps.sh
+. scripts/_steps.sh
 
 if [ ! -x "$LATEST_VENV/bin/python" ]; then
+  step "creating the virtual environment ./.venv-latest"
   "${PYTHON:-python3}" -m venv "$LATEST_VENV"
 fi
 # shellcheck disable=SC1091
@@ -43,6 +46,7 @@ grep -v -i -E '^[[:space:]]*(comfyui-frontend-package|comfyui-workflow-templates
   "$COMFYUI_DIR/requirements.txt" > "$reqs"
 deps_stamp=$( { echo "$TORCH_SPEC $TORCHVISION_SPEC"; cat "$reqs"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$LATEST_VENV/.asag_deps_stamp" 2>/dev/null)" != "$deps_stamp" ]; then
+  step "installing $TORCH_SPEC, $TORCHVISION_SPEC and ComfyUI's requirements into ./.venv-latest (minutes the first time)"
   _asag_latest_pip "setuptools>=77" ninja pytest "$TORCH_SPEC" "$TORCHVISION_SPEC" -r "$reqs"
   # The newest torchaudio on the index is pinned to an older torch; ComfyUI only needs it to import.
   _asag_latest_pip --no-deps torchaudio
@@ -61,6 +65,7 @@ pkg_stamp=$( { python -c "import torch; print(torch.__version__)"; echo "${ASAG_
   printf '%s\n' "${pkg_files[@]}"; cat "${pkg_files[@]}"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || [ "${ASAG_REINSTALL:-0}" = 1 ] \
    || ! (cd / && python -c "import asag_kernels._C_cpu") 2>/dev/null; then
+  step "building an asag_kernels wheel against $TORCH_SPEC and installing it into ./.venv-latest"
   # A persistent staging copy: files whose content did not change keep their time stamps, so the
   # extension's ninja build in $stage/build can reuse objects (seen for the torch-free row kernels;
   # the translation units that include torch/extension.h were recompiled on every reinstall).
@@ -81,4 +86,6 @@ if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || 
   _asag_latest_pip --no-deps --force-reinstall "$LATEST_VENV"/dist/*.whl
   echo "$pkg_stamp" > "$LATEST_VENV/.asag_build_stamp"
 fi
+step "checking the installed package in ./.venv-latest"
 (cd / && python -c "import torch, asag_kernels as a; print('.venv-latest: torch', torch.__version__, '| asag_kernels', a.__version__, 'from', a.__file__, a.backend_status())")
+step_done

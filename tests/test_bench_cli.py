@@ -345,3 +345,48 @@ def test_cpu_scaling_script_runs_on_the_core(tmp_path, monkeypatch, capsys):
     assert cpu_row["rel_err"] <= out_tolerance(torch.float32)
     out = capsys.readouterr().out
     assert "### Speed at num_iters=2" in out and "| tiny-96 (H=3, N=96, D=16) |" in out and "| 64 | ~100% |" in out
+
+
+def _goal_row(**over):
+    row = dict(shape="sdxl-64", backend="cpu", dtype="float32", num_iters=2, median_ms=120.0, sdpa_median_ms=100.0,
+               vs_sdpa=1.2, peak_mem_mib=250.0, rel_err=1e-7, within_tolerance=True, deterministic=True)
+    row.update(over)
+    return row
+
+
+def test_verdict_pass_fail_and_not_measured():
+    """asag-bench's verdict: each goal PASS/FAIL with the measured figure; GPU goals on a CPU and goals whose
+    row is missing are NOT MEASURED, never PASS."""
+    from asag_kernels.benchmarking import goals
+
+    def by_goal(rows, device="cpu", dtype="float32"):
+        return {v.goal: v for v in goals.verdicts(rows, device_type=device, dtype=dtype)}
+
+    ok = by_goal([_goal_row(), _goal_row(backend="sdpa", vs_sdpa=1.0, deterministic=None)])
+    speed = next(v for g, v in ok.items() if "SDPA" in g and g.startswith("cpu"))
+    peak = next(v for g, v in ok.items() if "extra peak" in g)
+    assert speed.status == "PASS" and "1.20x SDPA" in speed.detail
+    assert peak.status == "PASS" and "250.0 MiB" in peak.detail
+    assert all(v.status == "NOT MEASURED" for g, v in ok.items() if "triton" in g)
+    bad = by_goal([_goal_row(vs_sdpa=1.6, peak_mem_mib=310.0, within_tolerance=False, rel_err=1e-3, deterministic=False)])
+    assert {v.status for g, v in bad.items() if not g.startswith(("triton", "cuda"))} == {"FAIL"}
+    assert any("310.0 MiB" in v.detail for v in bad.values())
+    missing = by_goal([_goal_row(shape="sd15-64")])
+    assert all(v.status == "NOT MEASURED" for g, v in missing.items() if g.startswith("cpu"))
+    assert by_goal([_goal_row(error="boom", median_ms=None)])["SPEC §4 accuracy on every row"].status == "NOT MEASURED"
+    text = goals.format_verdicts(goals.verdicts([_goal_row()], device_type="cpu", dtype="float32"))
+    assert text.splitlines()[-1].strip().startswith("4 passed, 0 failed")
+
+
+def test_quick_run_ends_with_the_verdict_and_progress_follows_the_flags():
+    """--quick prints the verdict lines and puts them in the JSON; progress goes to stderr (a line per row when
+    stderr is not a terminal) and --no-progress silences it."""
+    env = {**os.environ, "ASAG_REQUIRE_BACKENDS": ""}
+    cmd = [sys.executable, "-m", "asag_kernels.bench", "--quick", "--backends", "sdpa,torch"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "verdict (the goals that apply on this machine):" in run.stdout
+    assert "PASS" in run.stdout and "NOT MEASURED" in run.stdout
+    assert "[1/" in run.stderr  # not a terminal: one line per row, no bar
+    quiet = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert quiet.returncode == 0 and "[1/" not in quiet.stderr

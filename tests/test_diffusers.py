@@ -34,10 +34,8 @@ from asag_kernels._spec import out_tolerance  # noqa: E402
 from asag_kernels.diffusers.families import IMAGE_FIRST  # noqa: E402
 from asag_kernels.diffusers import (  # noqa: E402
     AdversarialSinkhornGuidance,
-    ASAGCFGJointAttnProcessor,
-    ASAGCFGSelfAttnProcessor,
-    ASAGJointAttnProcessor,
-    ASAGSelfAttnProcessor,
+    ASAGCFGProcessor,
+    ASAGProcessor,
     disable_asag,
     enable_asag,
 )
@@ -92,7 +90,7 @@ def test_self_attn_processor_matches_sdpa_and_sinkhorn(cfg):
     attn = Attention(query_dim=24, heads=3, dim_head=8).eval()
     chunks = 3 if cfg else 2
     x = torch.randn(chunks * 2, 10, 24)  # two samples per chunk
-    attn.set_processor(ASAGCFGSelfAttnProcessor(num_iters=3, epsilon=0.7) if cfg else ASAGSelfAttnProcessor(num_iters=3, epsilon=0.7))
+    attn.set_processor(ASAGCFGProcessor(num_iters=3, epsilon=0.7) if cfg else ASAGProcessor(num_iters=3, epsilon=0.7))
     out = attn(x)
 
     n_plain = 2 * (chunks - 1)
@@ -114,7 +112,7 @@ def test_self_attn_processor_4d_with_group_norm_residual_and_rescale():
         rescale_output_factor=2.0, bias=True,
     ).eval()
     x = torch.randn(3, 16, 4, 5)
-    attn.set_processor(ASAGCFGSelfAttnProcessor())
+    attn.set_processor(ASAGCFGProcessor())
     out = attn(x)
     assert out.shape == x.shape
 
@@ -137,7 +135,7 @@ def test_self_attn_processor_passes_strided_views_without_copies(monkeypatch):
 
     monkeypatch.setattr(asag_settings, "sinkhorn_attention", spy)
     attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
-    attn.set_processor(ASAGSelfAttnProcessor())
+    attn.set_processor(ASAGProcessor())
     attn(torch.randn(2, 6, 16))
     (q, k, v), = seen
     assert q.shape == (1, 2, 6, 8)
@@ -148,7 +146,7 @@ def test_self_attn_processor_passes_strided_views_without_copies(monkeypatch):
 
 def test_processor_rejects_a_batch_that_is_not_chunked():
     attn = Attention(query_dim=16, heads=2, dim_head=8)
-    attn.set_processor(ASAGCFGSelfAttnProcessor())
+    attn.set_processor(ASAGCFGProcessor())
     with torch.no_grad(), pytest.raises(ValueError, match="uncond, cond, perturbed"):
         attn(torch.randn(4, 6, 16))
 
@@ -160,7 +158,7 @@ def test_self_attn_processor_attention_mask():
     x = torch.randn(3, 6, 16)
     mask = torch.zeros(3, 1, 6)
     mask[:2, :, 4:] = -10000.0  # the plain chunks drop the last two keys
-    attn.set_processor(ASAGCFGSelfAttnProcessor())
+    attn.set_processor(ASAGCFGProcessor())
     out = attn(x, attention_mask=mask)
     attn.set_processor(AttnProcessor2_0())
     _assert_plain_rows_match(out[:2], attn(x[:2], attention_mask=mask[:2]))
@@ -168,7 +166,7 @@ def test_self_attn_processor_attention_mask():
 
     # a key-padding mask on the Sinkhorn chunk: the dropped key gets zero mass in the plan
     mask[2, :, 5] = -10000.0
-    attn.set_processor(ASAGCFGSelfAttnProcessor())
+    attn.set_processor(ASAGCFGProcessor())
     out = attn(x, attention_mask=mask)
     torch.testing.assert_close(out[2:, :5], _sinkhorn_reference(attn, x[2:, :5], 2, 1.0), rtol=1e-5, atol=1e-5)
     # an attention bias (not a key-padding mask) cannot be honoured: a clear error
@@ -179,11 +177,63 @@ def test_self_attn_processor_attention_mask():
 
 def test_processor_validates_its_arguments():
     with pytest.raises(ValueError, match="num_iters"):
-        ASAGSelfAttnProcessor(num_iters=-1)
+        ASAGProcessor(num_iters=-1)
     with pytest.raises(ValueError, match="epsilon"):
-        ASAGCFGSelfAttnProcessor(epsilon=0.0)
+        ASAGCFGProcessor(epsilon=0.0)
     with pytest.raises(ValueError, match="backend"):
-        ASAGCFGJointAttnProcessor(backend="fast")
+        ASAGCFGProcessor(backend="fast")
+
+
+@pytest.mark.parametrize("module", ["asag_kernels.diffusers", "asag_kernels.diffusers.processors"])
+def test_first_release_processor_names_warn_and_are_the_pair(module):
+    import importlib
+
+    mod = importlib.import_module(module)
+    for old, new in [("ASAGCFGSelfAttnProcessor", ASAGCFGProcessor), ("ASAGCFGJointAttnProcessor", ASAGCFGProcessor),
+                     ("ASAGSelfAttnProcessor", ASAGProcessor), ("ASAGJointAttnProcessor", ASAGProcessor)]:
+        with pytest.warns(FutureWarning, match=f"{old} is deprecated.*use {new.__name__}"):
+            assert getattr(mod, old) is new
+        assert old not in mod.__all__
+    with pytest.raises(AttributeError, match="ASAGFooProcessor"):
+        getattr(mod, "ASAGFooProcessor")
+
+
+@torch.no_grad()
+def test_processor_says_when_the_stock_processor_made_no_sdpa_call():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    attn.set_processor(ASAGCFGProcessor(stock_processors={attn: AttnProcessor()}))  # computes attention itself
+    with pytest.raises(RuntimeError, match=r"ASAGCFGProcessor could not reach 'Attention' \(AttnProcessor\).*nothing was perturbed"):
+        attn(torch.randn(3, 6, 16))
+
+
+def test_the_routes_into_diffusers_do_not_import_each_other():
+    """The guider, the PAG processors and perturbed_attention share only the neutral modules."""
+    import ast
+    import pathlib
+
+    import asag_kernels.diffusers as package
+
+    def package_modules(tree) -> set[str]:
+        """Modules of asag_kernels.diffusers a file imports (relative or absolute), by their last name."""
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                inside = node.level == 1 or (node.module or "").startswith("asag_kernels.diffusers")
+                if inside and node.module and node.module != "asag_kernels.diffusers":
+                    out.add(node.module.rsplit(".", 1)[-1])
+                elif inside:
+                    out.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.Import):
+                out.update(a.name.rsplit(".", 1)[-1] for a in node.names if a.name.startswith("asag_kernels.diffusers."))
+        return out
+
+    routes = {"guider", "processors", "perturb"}
+    for route in routes:
+        imported = package_modules(ast.parse((pathlib.Path(package.__file__).parent / f"{route}.py").read_text()))
+        assert "_common" in imported, f"{route}.py does not use the shared module"
+        assert not imported & (routes - {route}), f"{route}.py imports {sorted(imported & (routes - {route}))}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,7 +378,7 @@ def test_enable_asag_layers_and_disable():
         r"^mid_block\.attentions\.0\.transformer_blocks\.0\.attn1$",
     ]
     cfg_proc, proc = pipe._pag_attn_processors
-    assert isinstance(cfg_proc, ASAGCFGSelfAttnProcessor) and isinstance(proc, ASAGSelfAttnProcessor)
+    assert isinstance(cfg_proc, ASAGCFGProcessor) and isinstance(proc, ASAGProcessor)
     assert (proc.num_iters, proc.epsilon) == (1, 0.5)
     assert torch.isfinite(_run(pipe, inputs, 5.0, pag_scale=ASAG_SCALE)).all()
 
@@ -367,7 +417,7 @@ def test_joint_processor_matches_sdpa_and_sinkhorn(cfg, joint_mode):
 
     attn.set_processor(JointAttnProcessor2_0())
     plain_img, plain_txt = attn(image, text)
-    cls = ASAGCFGJointAttnProcessor if cfg else ASAGJointAttnProcessor
+    cls = ASAGCFGProcessor if cfg else ASAGProcessor
     attn.set_processor(cls(joint_mode=joint_mode, token_order=IMAGE_FIRST))
     img, txt = attn(image, text)
     n_plain = chunks - 1
@@ -423,7 +473,7 @@ def test_sd3_pag_pipeline_with_asag(guidance_scale):
     no_guidance = _run(pipe, inputs, guidance_scale, pag_scale=0.0)
     pag = _run(pipe, inputs, guidance_scale, pag_scale=ASAG_SCALE)
     asag_kwargs = enable_asag(pipe)  # keeps the pipeline's own layers ("blocks.1")
-    assert isinstance(pipe._pag_attn_processors[0], ASAGCFGJointAttnProcessor)
+    assert isinstance(pipe._pag_attn_processors[0], ASAGCFGProcessor)
     asag = _run(pipe, inputs, guidance_scale, **asag_kwargs)
     assert torch.isfinite(asag).all()
     assert (asag - no_guidance).abs().max() > 1e-4
@@ -464,10 +514,10 @@ def test_guider_perturbed_pass_is_the_processor_perturbed_chunk(guidance_scale):
     assert all(not getattr(m, "_diffusers_hook", None) or not m._diffusers_hook.hooks for m in unet.modules())
     torch.testing.assert_close(unet(latents, t, encoder_hidden_states=cond).sample, preds["pred_cond"], rtol=0, atol=0)
 
-    # the same perturbed prediction through ASAGSelfAttnProcessor on batch [cond, perturbed]
+    # the same perturbed prediction through ASAGProcessor on batch [cond, perturbed]
     original = unet.attn_processors
     unet.set_attn_processor({
-        name: ASAGSelfAttnProcessor(num_iters=3, epsilon=0.8) if name.startswith("mid_block") and "attn1" in name else proc
+        name: ASAGProcessor(num_iters=3, epsilon=0.8) if name.startswith("mid_block") and "attn1" in name else proc
         for name, proc in original.items()
     })
     both = unet(latents.repeat(2, 1, 1, 1), t, encoder_hidden_states=cond.repeat(2, 1, 1)).sample
@@ -570,7 +620,7 @@ def test_guider_on_joint_attention_matches_the_joint_processor():
         guider.cleanup_models(transformer)
     assert list(preds) == ["pred_cond", "pred_cond_asag"]
 
-    transformer.transformer_blocks[1].attn.set_processor(ASAGJointAttnProcessor(token_order=IMAGE_FIRST))
+    transformer.transformer_blocks[1].attn.set_processor(ASAGProcessor(token_order=IMAGE_FIRST))
     both = transformer(
         hidden_states=latents.repeat(2, 1, 1, 1), encoder_hidden_states=cond.repeat(2, 1, 1),
         pooled_projections=pooled.repeat(2, 1), timestep=t.repeat(2), return_dict=False,

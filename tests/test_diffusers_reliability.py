@@ -21,7 +21,7 @@ from asag_kernels import backends  # noqa: E402
 from asag_kernels.diffusers import AdversarialSinkhornGuidance, disable_asag, enable_asag  # noqa: E402
 from asag_kernels.diffusers.families import IMAGE_FIRST, TEXT_FIRST  # noqa: E402
 from asag_kernels.diffusers.intercept import CallLayout, SinkhornSDPAMode, SinkhornSettings  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, require_backend  # noqa: E402
 from test_diffusers import _embeds, _processor_state, _run, _tiny_unet, _tiny_vae  # noqa: E402
 from test_diffusers_models import _no_hooks, _run as _guided_step, _sd3  # noqa: E402
 from test_joint import reference_joint  # noqa: E402
@@ -172,6 +172,24 @@ def test_guider_refuses_a_backend_that_cannot_run_the_model():
     model, data, forward, _, _ = _sd3()
     with pytest.raises(ValueError, match=f"backend={name!r} cannot run"):
         _guided_step(AdversarialSinkhornGuidance(layers=[1], backend=name), model, data, forward)
+    assert _no_hooks(model)
+
+
+@torch.no_grad()
+def test_guider_checks_the_backend_again_after_the_model_moves():
+    """pipe.to(...) between calls: the first call's check must not stand for the model's new dtype/device."""
+    require_backend("cpu", device=torch.device("cpu"))
+    model, data, forward, _, _ = _sd3()
+    guider = AdversarialSinkhornGuidance(guidance_scale=1.0, layers=[1], backend="cpu")  # batches: cond, perturbed
+    preds, _ = _guided_step(guider, model, data, forward)  # float32 on CPU: the cpu backend runs it
+    assert list(preds) == ["pred_cond", "pred_cond_asag"]
+    model.to(torch.float64)  # which the cpu backend does not take
+    guider.set_state(step=1, num_inference_steps=2, timestep=torch.tensor(500))
+    guider.prepare_inputs(data)
+    guider.prepare_models(model)  # the conditional pass: nothing to check
+    guider.cleanup_models(model)
+    with pytest.raises(ValueError, match="backend='cpu' cannot run this model \\(cpu, torch.float64\\)"):
+        guider.prepare_models(model)  # the perturbed pass
     assert _no_hooks(model)
 
 

@@ -202,7 +202,9 @@ def test_world_2_grid():
     cases.append(case("ring", [0, 0], [5, 3], lead=(1,), potentials=True))  # no queries on any rank
     # float64 through the reference blocks and the torch backend, and a sharp epsilon.
     cases.append(case("ring", [3, 4], [4, 2], dtype=F64, backend="reference"))
-    cases.append(case("ulysses", [3, 4], [4, 2], dtype=F64, backend="torch", exact=True))
+    # torch backend: its batched GEMMs see fewer heads per rank than the single-process call, and their
+    # rounding may depend on the batch shape: SPEC §4's float64 tolerance only (cpu cases stay exact).
+    cases.append(case("ulysses", [3, 4], [4, 2], dtype=F64, backend="torch"))
     cases.append(case("ring", [9, 4], [4, 8], backend="torch", epsilon=0.1, d=32, dv=24))
     spawn(2, cases, with_errors=True)
 

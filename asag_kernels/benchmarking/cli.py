@@ -44,7 +44,7 @@ import torch
 
 from .. import __version__, backends
 from .._spec import ALL_SHAPES, CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, SHAPES, out_tolerance
-from . import core
+from . import core, goals
 
 # "reference" is the error oracle, not a timed row.
 TIMED_BACKENDS = tuple(name for name in backends.BACKENDS if name != "reference")
@@ -327,11 +327,12 @@ def measure_row_in_subprocess(backend, inputs_path, *, num_iters, warmup, repeat
 
 
 class Progress:
-    """tqdm on stderr when installed, else one line per step."""
+    """A tqdm bar on stderr (``bar`` and tqdm installed), else one line per step on stderr; nothing
+    when not ``enabled`` (--no-progress)."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, bar: bool = True):
         self.total, self.enabled, self.done, self.bar = total, enabled, 0, None
-        if enabled:
+        if enabled and bar:
             try:
                 from tqdm import tqdm
             except ImportError:
@@ -368,9 +369,9 @@ def result_row(name, shape, backend, dtype, num_iters, **values) -> dict:
     return row
 
 
-def run_benchmark(cfg: Config, progress_enabled: bool) -> list[dict]:
+def run_benchmark(cfg: Config, progress_enabled: bool, bar: bool = True) -> list[dict]:
     plans = [[(b, t) for b in cfg.backends for t in ([0] if b == "sdpa" else cfg.iters)] for _ in cfg.shapes]
-    progress = Progress(sum(len(p) for p in plans), progress_enabled)
+    progress = Progress(sum(len(p) for p in plans), progress_enabled, bar=bar)
     results: list[dict] = []
     tolerance = out_tolerance(cfg.dtype)
     with tempfile.TemporaryDirectory(prefix="asag-bench-") as tmp:
@@ -578,13 +579,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(format_header(report), flush=True)
     wall = time.perf_counter()
-    report["results"] = run_benchmark(cfg, progress_enabled=not args.no_progress)
+    # The bar only where someone watches (a terminal); redirected, one line per row instead.
+    report["results"] = run_benchmark(cfg, progress_enabled=not args.no_progress, bar=sys.stderr.isatty())
     report["provenance"]["wall_s"] = round(time.perf_counter() - wall, 1)
 
     print()
     print(format_table(report["results"]))
     print(f"\nrel err: on heads {{0, H-1}} against the float64 oracle (sdpa: float64 softmax attention); "
           f"passes: over the Nq x Nk logits. Wall time {report['provenance']['wall_s']} s.")
+    verdict = goals.verdicts(report["results"], device_type=cfg.device.type, dtype=str(cfg.dtype).replace("torch.", ""))
+    report["verdict"] = [v.to_dict() for v in verdict]
+    print()
+    print(goals.format_verdicts(verdict))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -5,17 +5,21 @@ recomputed with Sinkhorn attention under the adversarial cost in a few self-atte
 
     pred = pred_uncond + w_cfg * (pred_cond - pred_uncond) + s_asag * (pred_cond - pred_cond_asag)
 
-Two ways in, sharing one mechanism (:mod:`.intercept`: diffusers' own attention processor runs and
+Three ways in, sharing one mechanism (:mod:`.intercept`: diffusers' own attention processor runs and
 only its ``scaled_dot_product_attention`` call on the perturbed samples becomes Sinkhorn attention):
 
-* PAG pipelines: :func:`enable_asag` installs the ASAG processor pair (:mod:`.processors`).
+* PAG pipelines: :func:`enable_asag` installs the ASAG processor pair, :class:`ASAGCFGProcessor` and
+  :class:`ASAGProcessor` (:mod:`.processors`).
 * Modular pipelines: :class:`AdversarialSinkhornGuidance` is the guider (:mod:`.guider`).
 * Any diffusers model in a loop of your own: :func:`perturbed_attention`, a context manager in
   which the chosen layers compute the perturbed attention (:mod:`.perturb`; ``method="pag"`` for PAG).
 
-Layers are chosen as diffusers' guiders choose them (:mod:`.layers`, :func:`list_attention_layers`);
-per-family defaults and token orders live in :mod:`.families`; joint text+image attention follows
-``joint_mode`` (SPEC §10). Install with ``pip install "asag-kernels[diffusers]"``.
+The three routes never import from each other: what they share (the checks made before a denoiser
+is changed, hooking the chosen layers, the one failure guard, the one "nothing was perturbed" error)
+is :mod:`._common`. Layers are chosen as diffusers' guiders choose them (:mod:`.layers`,
+:func:`list_attention_layers`); per-family defaults and token orders live in :mod:`.families`;
+joint text+image attention follows ``joint_mode`` (SPEC §10). Install with
+``pip install "asag-kernels[diffusers]"``.
 """
 
 from __future__ import annotations
@@ -32,21 +36,12 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test 
     ) from exc
 
 from ..joint import JOINT_MODES
+from ..settings import DEFAULT_ASAG_SCALE, DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
+from . import processors as _processors
 from .guider import AdversarialSinkhornGuidance
-from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
 from .layers import list_attention_layers, select_attention_layers
 from .perturb import PERTURBATIONS, perturbed_attention
-from .processors import (
-    DEFAULT_ASAG_SCALE,
-    ASAGCFGJointAttnProcessor,
-    ASAGCFGProcessor,
-    ASAGCFGSelfAttnProcessor,
-    ASAGJointAttnProcessor,
-    ASAGProcessor,
-    ASAGSelfAttnProcessor,
-    disable_asag,
-    enable_asag,
-)
+from .processors import ASAGCFGProcessor, ASAGProcessor, disable_asag, enable_asag
 
 __all__ = [
     "AdversarialSinkhornGuidance",
@@ -58,13 +53,16 @@ __all__ = [
     "select_attention_layers",
     "ASAGCFGProcessor",
     "ASAGProcessor",
-    "ASAGCFGSelfAttnProcessor",
-    "ASAGSelfAttnProcessor",
-    "ASAGCFGJointAttnProcessor",
-    "ASAGJointAttnProcessor",
     "SinkhornSettings",
     "JOINT_MODES",
     "DEFAULT_ASAG_SCALE",
     "DEFAULT_NUM_ITERS",
     "DEFAULT_EPSILON",
 ]
+
+
+def __getattr__(name: str):
+    # The first release's processor names (ASAGCFGSelfAttnProcessor, ...): the pair, with a FutureWarning.
+    if name in _processors._DEPRECATED_NAMES:
+        return _processors._deprecated_name(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,6 +36,8 @@ __all__ = [
     "get_family",
     "default_layers",
     "layer_patterns",
+    "model_default_layers",
+    "token_order_of",
     "image_token_range",
 ]
 
@@ -292,6 +294,13 @@ def model_default_layers(denoiser) -> list[str]:
             f"(list_attention_layers(model) lists them)"
         )
     return layer_patterns(family)
+
+
+def token_order_of(model) -> str | None:
+    """The joint-attention token order (``TEXT_FIRST``/``IMAGE_FIRST``) of a denoiser's family; ``None``
+    when the family has no joint attention or the model is of no known family."""
+    family = family_of(model)
+    return get_family(family).token_order if family else None
 
 
 def image_token_range(token_order: str, num_tokens: int, num_text_tokens: int) -> tuple[int, int]:

@@ -14,40 +14,18 @@ import math
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_noise_cfg
-from diffusers.hooks import HookRegistry, ModelHook
 
 from .._validate import check_finite_float, check_fraction
-from . import families
-from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornAttentionHook, SinkhornSettings, install, uninstall
-from .layers import normalise_layers, select_attention_layers, single_stream_blocks
-from .context_parallel import check_context_parallel
-from .processors import DEFAULT_ASAG_SCALE, check_device_support
+from ..settings import DEFAULT_ASAG_SCALE, DEFAULT_EPSILON, DEFAULT_JOINT_MODE, DEFAULT_NUM_ITERS, SinkhornSettings
+from ._common import FailureGuard, check_bool, check_denoiser, check_perturbed, hook_layers
+from .intercept import uninstall
+from .layers import normalise_layers
 
 __all__ = ["AdversarialSinkhornGuidance"]
 
+# The guider's hooks on the chosen modules and its failure guard on the denoiser share the name:
+# one uninstall removes both.
 _HOOK = "asag_sinkhorn_attention"
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
-class _FailureGuard(ModelHook):
-    """On the denoiser during the perturbed pass: if the pass raises (Ctrl-C too), the guider's
-    hooks come off before the exception leaves, so the model is left as it was."""
-
-    def __init__(self, guider: "AdversarialSinkhornGuidance"):
-        super().__init__()
-        self.guider = guider
-
-    def new_forward(self, module, *args, **kwargs):
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        except BaseException:
-            self.guider._remove_hooks()
-            raise
 
 
 class AdversarialSinkhornGuidance(BaseGuidance):
@@ -93,7 +71,7 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         num_iters: int = DEFAULT_NUM_ITERS,
         epsilon: float = DEFAULT_EPSILON,
         backend: str = "auto",
-        joint_mode: str = "image",
+        joint_mode: str = DEFAULT_JOINT_MODE,
         guidance_rescale: float = 0.0,
         use_original_formulation: bool = False,
         start: float = 0.0,
@@ -103,7 +81,7 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         start, stop = check_fraction(start, "start"), check_fraction(stop, "stop")
         if start > stop:
             raise ValueError(f"start must be <= stop, got start={start}, stop={stop}")
-        super().__init__(start, stop, _check_bool(enabled, "enabled"))
+        super().__init__(start, stop, check_bool(enabled, "enabled"))
         self.guidance_scale = check_finite_float(guidance_scale, "guidance_scale")
         self.asag_scale = check_finite_float(asag_scale, "asag_scale")
         self.asag_start, self.asag_stop = check_fraction(asag_start, "asag_start"), check_fraction(asag_stop, "asag_stop")
@@ -112,10 +90,9 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         self.layers = None if layers is None else normalise_layers(layers)
         self.settings = SinkhornSettings(num_iters, epsilon, backend, joint_mode)
         self.guidance_rescale = check_fraction(guidance_rescale, "guidance_rescale")
-        self.use_original_formulation = _check_bool(use_original_formulation, "use_original_formulation")
+        self.use_original_formulation = check_bool(use_original_formulation, "use_original_formulation")
         self._batch_identifiers: list[str] = []
         self._installed: list = []
-        self._checked: set[int] = set()
 
     # --- which batches this step needs ------------------------------------------------------------
 
@@ -167,9 +144,6 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         i = self._count_prepared - 1
         return 0 <= i < len(self._batch_identifiers) and self._batch_identifiers[i] == "pred_cond_asag"
 
-    def _layers_for(self, denoiser) -> list:
-        return self.layers if self.layers is not None else families.model_default_layers(denoiser)
-
     def _remove_hooks(self) -> None:
         installed, self._installed = self._installed, []
         uninstall(installed, _HOOK)
@@ -179,36 +153,19 @@ class AdversarialSinkhornGuidance(BaseGuidance):
         self._remove_hooks()  # left by a pass that was interrupted before cleanup_models
         if not self._current_is_perturbed():
             return
-        if id(denoiser) not in self._checked:
-            check_device_support(self.settings.backend, denoiser)
-            self._checked.add(id(denoiser))
+        # Every perturbed pass: the denoiser may have moved (pipe.to(...)) since the last one.
         # The guider's hooks take context-parallel calls at the attention dispatch (exact for any degrees).
-        check_context_parallel(denoiser, self.settings.joint_mode, sharded=True)
-        modules = select_attention_layers(denoiser, self._layers_for(denoiser))
-        family = families.family_of(denoiser)
-        token_order = families.get_family(family).token_order if family else None
-        self._installed = install(modules, self.settings, _HOOK, token_order, single_stream_blocks(denoiser, modules),
-                                  root=denoiser)
-        guard = _FailureGuard(self)
-        registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-        if registry.get_hook(_HOOK) is not None:
-            registry.remove_hook(_HOOK, recurse=False)
-        registry.register_hook(guard, _HOOK)
+        check_denoiser(denoiser, self.settings, sharded=True)
+        self._installed = hook_layers(denoiser, self.layers, self.settings, _HOOK)
+        guard = FailureGuard.attach(denoiser, _HOOK, lambda _: self._remove_hooks())
         self._installed.append((denoiser, guard))
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
         if not self._installed:
             return
-        hooks = [(m, h) for m, h in self._installed if isinstance(h, SinkhornAttentionHook)]
+        installed = self._installed
         self._remove_hooks()
-        missed = [(h.module_name, type(getattr(m, "processor", m)).__name__) for m, h in hooks if h.replaced_calls == 0]
-        if missed:
-            raise RuntimeError(
-                "AdversarialSinkhornGuidance could not reach these layers: no scaled_dot_product_attention "
-                f"self-attention call ran inside them during the perturbed pass, so nothing was replaced: {missed} "
-                "(the module did not run, its processor does not call torch.nn.functional.scaled_dot_product_attention, "
-                "or the model uses another attention backend: set_attention_backend('native'))"
-            )
+        check_perturbed(type(self).__name__, installed, "during the perturbed pass")
 
     # --- combining ----------------------------------------------------------------------------------
 

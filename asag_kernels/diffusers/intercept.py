@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..settings import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSettings
+from ..settings import SinkhornSettings
 from .context_parallel import ShardedSinkhorn
 from .families import IMAGE_FIRST, TEXT_FIRST
 
-__all__ = ["SinkhornSettings", "SinkhornSDPAMode", "SinkhornAttentionHook", "TextLengthHook", "install", "uninstall"]
+__all__ = ["SinkhornSettings", "SinkhornSDPAMode", "SinkhornAttentionHook", "TextLengthHook", "install", "uninstall",
+           "replace_hook", "remove_hook"]
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -192,11 +193,7 @@ def install(modules: dict, settings: SinkhornSettings, name: str, token_order: s
     installed, text_hooks = [], {}
 
     def register(module, hook, hook_name):
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        if registry.get_hook(hook_name) is not None:  # left by a run that was interrupted
-            registry.remove_hook(hook_name, recurse=False)
-        registry.register_hook(hook, hook_name)
-        installed.append((module, hook))
+        installed.append((module, replace_hook(module, hook, hook_name)))
         return hook
 
     def text_hook(module):
@@ -218,7 +215,20 @@ def install(modules: dict, settings: SinkhornSettings, name: str, token_order: s
 def uninstall(installed: list, name: str) -> None:
     """Remove the hooks :func:`install` registered (a missing one is skipped; never raises for it)."""
     for module, _ in installed:
-        registry = getattr(module, "_diffusers_hook", None)
         for hook_name in (name, name + "_text"):
-            if registry is not None and registry.get_hook(hook_name) is not None:
-                registry.remove_hook(hook_name, recurse=False)
+            remove_hook(module, hook_name)
+
+
+def replace_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> ModelHook:
+    """Register ``hook`` on ``module`` as ``name``, replacing one of that name (left by a run that was
+    interrupted, or by an earlier install); returns ``hook``."""
+    remove_hook(module, name)
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    return hook
+
+
+def remove_hook(module: torch.nn.Module, name: str) -> None:
+    """Remove ``module``'s hook called ``name``, if it has one (never raises for a missing one)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(name) is not None:
+        registry.remove_hook(name, recurse=False)

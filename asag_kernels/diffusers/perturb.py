@@ -24,10 +24,9 @@ from contextlib import contextmanager
 import torch
 
 from ..settings import DEFAULT_EPSILON, DEFAULT_JOINT_MODE, DEFAULT_NUM_ITERS, SinkhornSettings
-from . import families
-from .intercept import SinkhornAttentionHook, install, uninstall
-from .layers import denoiser_of, select_attention_layers, single_stream_blocks
-from .processors import check_device_support, check_parallelism
+from ._common import check_denoiser, check_perturbed, hook_layers
+from .intercept import SinkhornAttentionHook, uninstall
+from .layers import denoiser_of
 
 __all__ = ["perturbed_attention", "PerturbedAttention", "IdentityAttention", "PERTURBATIONS"]
 
@@ -123,24 +122,13 @@ def perturbed_attention(
     elif not callable(getattr(settings, "attend", None)) or not hasattr(settings, "joint_mode"):
         raise TypeError(f"settings must be a SinkhornSettings (or have attend() and joint_mode), got {type(settings).__name__}")
     denoiser = denoiser_of(model)
-    check_device_support(getattr(settings, "backend", "auto"), denoiser)
-    check_parallelism(denoiser, settings.joint_mode)
-    modules = select_attention_layers(denoiser, families.model_default_layers(denoiser) if layers is None else layers)
-    family = families.family_of(denoiser)
-    token_order = families.get_family(family).token_order if family else None
+    check_denoiser(denoiser, settings)
     name = f"asag_perturbed_attention_{next(_names)}"  # nested blocks must not remove each other's hooks
-    installed = install(modules, settings, name, token_order, single_stream_blocks(denoiser, modules), root=denoiser)
+    installed = hook_layers(denoiser, layers, settings, name)
     hooks = {h.module_name: h for _, h in installed if isinstance(h, SinkhornAttentionHook)}
     handle = PerturbedAttention(hooks, settings)
     try:
         yield handle
     finally:
         uninstall(installed, name)
-    missed = [layer for layer, calls in handle.replaced_calls.items() if calls == 0]
-    if missed:
-        raise RuntimeError(
-            f"perturbed_attention: no scaled_dot_product_attention self-attention call ran inside {missed} in the "
-            f"with-block, so nothing was perturbed there (the module did not run, its processor does not call "
-            f"torch.nn.functional.scaled_dot_product_attention, or the model uses another attention backend: "
-            f"set_attention_backend('native'))"
-        )
+    check_perturbed("perturbed_attention", installed, "in the with-block")

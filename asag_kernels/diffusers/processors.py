@@ -10,58 +10,52 @@ into Sinkhorn attention (:mod:`.intercept`), so any processor that calls SDPA is
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.pipelines.pag.pag_utils import PAGMixin
 
-from .. import backends
 from .._validate import check_finite_float
-from ..settings import DEFAULT_ASAG_SCALE
+from ..settings import DEFAULT_ASAG_SCALE, DEFAULT_EPSILON, DEFAULT_JOINT_MODE, DEFAULT_NUM_ITERS, SinkhornSettings
 from . import families
-from .intercept import DEFAULT_EPSILON, DEFAULT_NUM_ITERS, SinkhornSDPAMode, SinkhornSettings, call_layout
+from ._common import FailureGuard, check_denoiser, nothing_perturbed
+from .intercept import SinkhornSDPAMode, call_layout, remove_hook
 from .layers import denoiser_of, normalise_layers, select_attention_layers
 
-from .context_parallel import check_context_parallel
-
-__all__ = [
-    "ASAGCFGProcessor",
-    "ASAGProcessor",
-    "ASAGCFGSelfAttnProcessor",
-    "ASAGSelfAttnProcessor",
-    "ASAGCFGJointAttnProcessor",
-    "ASAGJointAttnProcessor",
-    "enable_asag",
-    "disable_asag",
-    "DEFAULT_ASAG_SCALE",
-    "check_device_support",
-    "check_parallelism",
-]
+__all__ = ["ASAGCFGProcessor", "ASAGProcessor", "enable_asag", "disable_asag"]
 
 _GUARD_HOOK = "asag_pag_guard"
 
+# The names of the first release, which had a self- and a joint-attention class for each batch
+# layout; one pair serves both now. Kept as aliases that warn, so code written for that release
+# runs and says what to change.
+_DEPRECATED_NAMES = {
+    "ASAGCFGSelfAttnProcessor": "ASAGCFGProcessor",
+    "ASAGCFGJointAttnProcessor": "ASAGCFGProcessor",
+    "ASAGSelfAttnProcessor": "ASAGProcessor",
+    "ASAGJointAttnProcessor": "ASAGProcessor",
+}
 
-def check_parallelism(module: torch.nn.Module, joint_mode: str) -> None:
-    """Refuse a denoiser running diffusers' context parallelism in a way the interception would get
-    wrong (ring attention; ``joint_mode="image"`` on an interleaved Ulysses sequence): a ValueError."""
-    check_context_parallel(module, joint_mode)
+
+def _deprecated_name(name: str):
+    """The class a deprecated name of :data:`_DEPRECATED_NAMES` stands for, with a ``FutureWarning``
+    (diffusers' category for deprecations: shown to users by default). Called from a module
+    ``__getattr__``, so the warning points two frames up: at the user's import or attribute access."""
+    new = _DEPRECATED_NAMES[name]
+    warnings.warn(
+        f"{name} is deprecated and will be removed in a future release: use {new}, the same class "
+        f"(one processor serves self- and joint attention)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return globals()[new]
 
 
-def check_device_support(backend: str, module: torch.nn.Module) -> None:
-    """A named backend that cannot run the module's device/dtype raises now, before anything is changed."""
-    if backend == "auto":
-        return
-    param = next(module.parameters(), None)
-    if param is None:
-        return
-    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
-    reason = backends.unsupported_reason(backend, param.device, dtype)
-    if reason is not None:
-        raise ValueError(
-            f"backend={backend!r} cannot run this model ({param.device.type}, {dtype}): {reason}; "
-            f"usable here: {backends.available_backends()} (or pass backend='auto')"
-        )
+def __getattr__(name: str):
+    if name in _DEPRECATED_NAMES:
+        return _deprecated_name(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _perturbed_start(batch: int, plain_chunks: int, who: str) -> int:
@@ -80,7 +74,7 @@ class _ASAGProcessorBase:
     _plain_chunks: int
 
     def __init__(self, num_iters: int = DEFAULT_NUM_ITERS, epsilon: float = DEFAULT_EPSILON, backend: str = "auto", *,
-                 joint_mode: str = "image", token_order: str | None = None, stock_processors=None):
+                 joint_mode: str = DEFAULT_JOINT_MODE, token_order: str | None = None, stock_processors=None):
         self.settings = SinkhornSettings(num_iters, epsilon, backend, joint_mode)
         self.token_order = token_order
         # attention module -> the processor it had before ASAG (weak: never keeps a model alive)
@@ -119,11 +113,7 @@ class _ASAGProcessorBase:
         with mode:
             out = self._stock_for(attn)(attn, hidden_states, *args, **kwargs)
         if mode.replaced_calls == 0:
-            raise RuntimeError(
-                f"{type(self).__name__}: the processor of this {type(attn).__name__} "
-                f"({type(self._stock_for(attn)).__name__}) made no scaled_dot_product_attention self-attention call, "
-                f"so nothing was perturbed"
-            )
+            raise nothing_perturbed(type(self).__name__, [(layout.module_name, self._stock_for(attn))], "in this call")
         return out
 
     def __repr__(self) -> str:
@@ -153,11 +143,6 @@ class ASAGProcessor(_ASAGProcessorBase):
     _plain_chunks = 1
 
 
-# The names of the first release: one pair serves self- and joint attention now.
-ASAGCFGSelfAttnProcessor = ASAGCFGJointAttnProcessor = ASAGCFGProcessor
-ASAGSelfAttnProcessor = ASAGJointAttnProcessor = ASAGProcessor
-
-
 def _is_asag(processor) -> bool:
     return isinstance(processor, _ASAGProcessorBase)
 
@@ -170,28 +155,25 @@ def _restore(denoiser: torch.nn.Module, originals: dict, keep=()) -> None:
             module.processor = originals[module]
 
 
-class _PipelineGuard(ModelHook):
-    """On the denoiser of an ASAG-enabled PAG pipeline: the pipeline swaps ASAG processors in for a
-    call and back afterwards, but not when the call fails. A denoiser call that raises (Ctrl-C too)
-    restores the originals at once; ASAG processors left behind by a failure outside the denoiser
-    (scheduler, callback, VAE) are restored before the next call runs: all of them in a call without
-    PAG, those outside the currently chosen layers in a PAG call (so they never add to its branch)."""
+def _install_guard(pipe, denoiser: torch.nn.Module, originals: weakref.WeakKeyDictionary) -> None:
+    """The failure guard on the denoiser of an ASAG-enabled PAG pipeline. The pipeline swaps ASAG
+    processors in for a call and back afterwards, but not when the call fails. A denoiser call that
+    raises (Ctrl-C too) restores the originals at once; ASAG processors left behind by a failure
+    outside the denoiser (scheduler, callback, VAE) are restored before the next call runs: all of
+    them in a call without PAG, those outside the currently chosen layers in a PAG call (so they
+    never add to its branch)."""
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(_GUARD_HOOK) is not None:
+        return  # installed by an earlier enable_asag; the pipeline's originals are recorded once and kept
+    pipe_ref = weakref.ref(pipe)  # the guard lives on the denoiser and must not keep the pipeline alive
 
-    def __init__(self, pipe, originals: weakref.WeakKeyDictionary):
-        super().__init__()
-        self._pipe = weakref.ref(pipe)
-        self.originals = originals
-
-    def new_forward(self, module, *args, **kwargs):
-        pipe = self._pipe()
+    def before(module):
+        pipe = pipe_ref()
         if pipe is not None:
             pag_on = getattr(pipe, "_pag_scale", 0.0) > 0
-            _restore(module, self.originals, keep=getattr(pipe, "_asag_modules", ()) if pag_on else ())
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        except BaseException:
-            _restore(module, self.originals)
-            raise
+            _restore(module, originals, keep=getattr(pipe, "_asag_modules", ()) if pag_on else ())
+
+    FailureGuard.attach(denoiser, _GUARD_HOOK, lambda module: _restore(module, originals), before)
 
 
 def enable_asag(
@@ -202,7 +184,7 @@ def enable_asag(
     num_iters: int = DEFAULT_NUM_ITERS,
     epsilon: float = DEFAULT_EPSILON,
     backend: str = "auto",
-    joint_mode: str = "image",
+    joint_mode: str = DEFAULT_JOINT_MODE,
 ) -> dict[str, float]:
     """Turn a diffusers PAG pipeline into an ASAG pipeline.
 
@@ -234,9 +216,7 @@ def enable_asag(
     asag_scale = check_finite_float(asag_scale, "asag_scale")
     settings = SinkhornSettings(num_iters, epsilon, backend, joint_mode)
     denoiser = denoiser_of(pipe)
-    check_device_support(settings.backend, denoiser)
-    check_parallelism(denoiser, settings.joint_mode)
-    family = families.family_of(denoiser)
+    check_denoiser(denoiser, settings)
     if layers is None:
         if hasattr(pipe, "unet"):
             layers = families.layer_patterns("sdxl")
@@ -257,7 +237,7 @@ def enable_asag(
         processor = getattr(module, "processor", None)
         if processor is not None and not _is_asag(processor) and module not in originals:
             originals[module] = processor
-    token_order = families.get_family(family).token_order if family else None
+    token_order = families.token_order_of(denoiser)
     pair = tuple(cls(settings.num_iters, settings.epsilon, settings.backend, joint_mode=settings.joint_mode,
                      token_order=token_order, stock_processors=originals) for cls in (ASAGCFGProcessor, ASAGProcessor))
     for name, module in modules.items():
@@ -271,9 +251,7 @@ def enable_asag(
     pipe.set_pag_applied_layers([rf"^{name}$".replace(".", r"\.") for name in modules], pag_attn_processors=pair)
     pipe._asag_original_processors = originals
     pipe._asag_modules = weakref.WeakSet(modules.values())
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-    if registry.get_hook(_GUARD_HOOK) is None:
-        registry.register_hook(_PipelineGuard(pipe, originals), _GUARD_HOOK)
+    _install_guard(pipe, denoiser, originals)
     return {"pag_scale": asag_scale, "pag_adaptive_scale": 0.0}
 
 
@@ -291,9 +269,7 @@ def disable_asag(pipe) -> None:
     originals = getattr(pipe, "_asag_original_processors", None)
     if originals is not None:
         _restore(denoiser, originals)
-    registry = getattr(denoiser, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(_GUARD_HOOK) is not None:
-        registry.remove_hook(_GUARD_HOOK, recurse=False)
+    remove_hook(denoiser, _GUARD_HOOK)
     pair = getattr(pipe, "_asag_previous_pag_processors", None)
     if pair is None:  # the pipeline had no PAG pair of its own recorded: diffusers' default ones
         if any(type(p).__name__.startswith("Joint") for p in (originals or {}).values()):
