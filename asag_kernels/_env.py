@@ -55,7 +55,8 @@ def env_float(name: str, default: float, *, minimum: float = 0.0, maximum: float
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or not minimum <= value <= maximum:
-        bound = f"<= {maximum:g}" if math.isfinite(maximum) else "finite"
+        # Every digit of the bound, so the message quotes the figure the docs give (2**20 = 1048576).
+        bound = f"<= {maximum:.12g}" if math.isfinite(maximum) else "finite"
         raise ValueError(
             f"environment variable {name} must be a number >= {minimum:g} and {bound}, got {os.environ[name]!r}"
         )

@@ -128,16 +128,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_logit_scale(scale, epsilon, dtype: torch.dtype, *, names: str = "scale/epsilon"):
-    """scale/epsilon must be finite in the compute dtype of `dtype` inputs (SPEC §5): a ratio that
-    overflows it (e.g. epsilon=1e-300 for float32 inputs) would turn every logit into +-inf."""
+def logit_scale_limit(dtype: torch.dtype) -> float:
+    """The largest |scale/epsilon| accepted for `dtype` inputs (SPEC §5): the compute dtype's largest
+    finite value over log2(e), about 2.359e+38 for float32 compute and 1.246e+308 for float64."""
     # The exp2 kernels (triton, cuda) fold log2(e) into the ratio in the compute dtype: the product
     # must stay finite too, or inf * 0 turns small logits into NaN.
-    limit = torch.finfo(compute_dtype(dtype)).max / math.log2(math.e)
+    return torch.finfo(compute_dtype(dtype)).max / math.log2(math.e)
+
+
+def format_limit(value: float) -> str:
+    """A limit as error messages print it and the docs quote it (4 significant digits, e.g. 2.359e+38)."""
+    return f"{value:.4g}"
+
+
+def check_logit_scale(scale, epsilon, dtype: torch.dtype, *, names: str = "scale/epsilon"):
+    """scale/epsilon must be finite in the compute dtype of `dtype` inputs (SPEC §5): a ratio that
+    overflows it (e.g. epsilon=1e-300 for float32 inputs) would turn every logit into +-inf.
+    |scale/epsilon| <= logit_scale_limit(dtype)."""
+    limit = logit_scale_limit(dtype)
     ratio = scale / epsilon
     if not (bool(ratio <= limit) and bool(ratio >= -limit)):
         raise ValueError(
-            f"{names} must be finite in the compute dtype {compute_dtype(dtype)} (|scale/epsilon| <= {limit:.4g}) "
+            f"{names} must be finite in the compute dtype {compute_dtype(dtype)} (|scale/epsilon| <= {format_limit(limit)}) "
             f"for {dtype} inputs, got scale={scale!r}, epsilon={epsilon!r}"
         )
     return ratio

@@ -57,7 +57,8 @@ def sinkhorn_attention(
         cost: ``"adversarial"`` (C = +similarity, ASAG's degraded attention) or ``"standard"``.
         scale: logit scale; ``None`` means ``1/sqrt(D)`` (1 for D = 0).
         epsilon: entropic regularisation dividing the scaled logits, finite and ``> 0``;
-            ``scale/epsilon`` must be finite in the compute dtype (float32 unless inputs are float64).
+            ``scale/epsilon`` must be finite in the compute dtype (float32 unless inputs are float64):
+            ``|scale/epsilon| <= 2.359e+38`` (``1.246e+308`` for float64 inputs).
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
             A named backend that cannot run here raises; it never falls back.
         return_potentials: also return the last potentials ``f`` and ``g``.

@@ -219,7 +219,7 @@ def test_naive_baseline_matches_reference(num_iters):
     scale = 1 / math.sqrt(8)
     ours = core.materialising_baseline(q, k, v, num_iters=num_iters, scale=scale)
     ref = sinkhorn_attention(q, k, v, num_iters=num_iters, cost="adversarial", backend="reference")
-    assert core.relative_error(ours, ref) < 1e-12
+    assert core.relative_error(ours, ref) <= out_tolerance(torch.float64)
 
 
 def test_oracle_on_head_slice_equals_full_problem_heads():
@@ -230,20 +230,22 @@ def test_oracle_on_head_slice_equals_full_problem_heads():
     sliced, name = core.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=2**30)
     assert "reference" in name
     full = sinkhorn_attention(q.double(), k.double(), v.double(), num_iters=2, backend="reference")
-    assert torch.equal(sliced, full[:, heads])
+    # Two heads against five: batched GEMMs of another shape may round differently, so SPEC §4's
+    # float64 bound rather than bitwise equality.
+    assert core.relative_error(sliced, full[:, heads]) <= out_tolerance(torch.float64)
     # Over the budget the float64 torch backend stands in for the materialising reference.
     streamed, name = core.oracle_output(q, k, v, backend="naive", num_iters=2, heads=heads, mem_budget=1)
-    assert "torch" in name and core.relative_error(streamed, sliced) < 1e-12
+    assert "torch" in name and core.relative_error(streamed, sliced) <= out_tolerance(torch.float64)
     softmax, _ = core.oracle_output(q, k, v, backend="sdpa", num_iters=2, heads=heads, mem_budget=2**30)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())[:, heads]
-    assert core.relative_error(softmax, sdpa) < 1e-12
+    assert core.relative_error(softmax, sdpa) <= out_tolerance(torch.float64)
 
 
 def test_relative_error_detects_a_wrong_head():
     q, k, v = core.make_inputs((3, 32, 8), torch.float32, torch.device("cpu"), seed=torch.seed() % 2**31)
     ref, _ = core.oracle_output(q, k, v, backend="torch", num_iters=2, heads=[0, 2], mem_budget=2**30)
     out = sinkhorn_attention(q, k, v, num_iters=2, backend="torch")
-    assert core.relative_error(out[:, [0, 2]], ref) < 1e-5
+    assert core.relative_error(out[:, [0, 2]], ref) <= out_tolerance(torch.float32)
     assert core.relative_error(out[:, [0, 1]], ref) > 1e-2
 
 

@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, StableDiffusionPAGPipeline  # noqa: E402
 from diffusers.guiders.guider_utils import rescale_noise_cfg  # noqa: E402
 
 import asag_kernels.settings as asag_settings  # noqa: E402  (where the perturbed attention calls the ops)
+from asag_kernels._spec import out_tolerance  # noqa: E402
 from asag_kernels import backends  # noqa: E402
 from asag_kernels.diffusers import AdversarialSinkhornGuidance, disable_asag, enable_asag  # noqa: E402
 from asag_kernels.diffusers.families import IMAGE_FIRST, TEXT_FIRST  # noqa: E402
@@ -322,7 +323,7 @@ def test_masks_become_excluded_keys(form, joint_mode, seed):
     assert mode.replaced_calls == 1
     ref = reference_joint(q, k, v, *image, joint_mode, mask=real, num_iters=2, epsilon=0.9)
     rows = real[:, None, :, None].expand_as(out)
-    assert rel_err(out[rows], ref[rows]) <= 1e-5, f"seed={seed}"
+    assert rel_err(out[rows], ref[rows]) <= out_tolerance(torch.float32), f"seed={seed}"
     if form == "hunyuan_query_and_key":  # padded query rows: what the model's own masked SDPA gives them
         stock = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         torch.testing.assert_close(out[~rows], stock[~rows], equal_nan=True)

@@ -131,11 +131,15 @@ for name in ("torch", "cpu", "triton"):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed here (pip install triton)")
-def test_wheel_in_clean_venv_with_triton(dist, request):
+def test_wheel_in_clean_venv_with_triton(dist, request, tmp_path_factory):
     """The issue's defect: in a regular install with Triton beside it, a path guess for the kernels
     found site-packages/triton (Triton itself) and the triton backend said Triton was missing."""
     (wheel,) = dist.glob("*.whl")
-    py = _venv_with_torch_and_triton(request.config.cache.mkdir("asag-clean-venv"))
+    # Kept under pytest's cache between runs; with the cache plugin off (-p no:cacheprovider) there
+    # is no config.cache, so a fresh venv in this run's temporary directory instead.
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("asag-clean-venv") if cache is not None else tmp_path_factory.mktemp("asag-clean-venv")
+    py = _venv_with_torch_and_triton(root)
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
         check=True,
