@@ -14,41 +14,28 @@ row-normalised plan times V (SPEC §3); ``legacy_output_scale`` multiplies it by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from asag_kernels import sinkhorn_attention
-from asag_kernels.joint import joint_sinkhorn_attention
+from asag_kernels.settings import SinkhornSettings
+
+__all__ = ["SinkhornSettings", "comfy_mask_as_sdpa", "unet_attn1_patch", "dit_block_patch"]
 
 
-@dataclass(frozen=True)
-class SinkhornSettings:
-    """The op arguments chosen on the node (already validated)."""
+def _attend(settings: SinkhornSettings, legacy_output_scale: bool, q, k, v, **kwargs):
+    """``settings.attend`` (the core package's one perturbed attention and mask rule) plus the one
+    thing that is ComfyUI's: ``legacy_output_scale``, the old exponential-domain node's ``P.V`` with
+    plan rows summing to ``1/N_k``."""
+    out = settings.attend(q, k, v, **kwargs)
+    return out / k.shape[2] if legacy_output_scale else out
 
-    num_iters: int = 2
-    epsilon: float = 1.0
-    backend: str = "auto"
-    joint_mode: str = "image"
-    legacy_output_scale: bool = False
 
-    def attend(self, q, k, v, *, scale=None, image_start=0, key_padding_mask=None):
-        """Perturbed attention of ``q, k, v: [B, H, N, D]`` -> ``[B, H, N, D]``; tokens before
-        ``image_start`` are text (joint attention), the rest image tokens."""
-        n = q.shape[2]
-        if image_start == 0 and key_padding_mask is None:
-            out = sinkhorn_attention(q, k, v, num_iters=self.num_iters, cost="adversarial", scale=scale,
-                                     epsilon=self.epsilon, backend=self.backend)
-        else:
-            out = joint_sinkhorn_attention(
-                q, k, v, image_start=image_start, image_stop=n, joint_mode=self.joint_mode,
-                key_padding_mask=key_padding_mask, num_iters=self.num_iters, cost="adversarial", scale=scale,
-                epsilon=self.epsilon, backend=self.backend,
-            )
-        if self.legacy_output_scale:
-            # The old exponential-domain node returned P.V with rows of P summing to 1/N_k.
-            out = out / k.shape[2]
-        return out
+def comfy_mask_as_sdpa(mask):
+    """ComfyUI's attention mask in SDPA's convention, for :func:`asag_kernels.masks.key_padding`:
+    ComfyUI's 3-D masks are ``[B, Lq, Lk]`` (per sample, shared by the heads), SDPA's ``[H, Lq, Lk]``,
+    so a 3-D mask gets its head dim; 2-D ``[Lq, Lk]`` and 4-D ``[B, H, Lq, Lk]`` mean the same in both."""
+    if mask is None or mask.dim() != 3:
+        return mask
+    return mask[:, None]
 
 
 def _heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -64,39 +51,18 @@ def _heads_last(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
-def unet_attn1_patch(settings: SinkhornSettings):
+def unet_attn1_patch(settings: SinkhornSettings, legacy_output_scale: bool = False):
     """An ``attn1`` replace patch for ComfyUI's UNet ``BasicTransformerBlock``."""
 
     def asag_attn1(q, k, v, extra_options, mask=None):
-        if mask is not None:
-            raise ValueError("ASAG: this self-attention layer has an attention mask, which ASAG's UNet patch does not support")
         heads = extra_options["n_heads"]
-        out = settings.attend(_heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads))
+        qh, kh, vh = _heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads)
+        block = extra_options.get("block")
+        where = f"UNet self-attention {block}" if block is not None else "a UNet self-attention layer"
+        out = _attend(settings, legacy_output_scale, qh, kh, vh, attn_mask=comfy_mask_as_sdpa(mask), where=where)
         return _heads_last(out).to(q.dtype)
 
     return asag_attn1
-
-
-def _key_padding_mask(mask, batch: int, n: int):
-    """ComfyUI's attention mask as a bool key-padding mask ``[B, N]`` (True = real token), or a
-    ValueError if the mask is more than that (a bias, or different per query or head)."""
-    if mask is None:
-        return None
-    m = mask
-    if m.dim() == 2:  # [Lq, Lk]
-        m = m[None, None]
-    elif m.dim() == 3:  # ComfyUI's [B, Lq, Lk] (per sample, shared by the heads)
-        m = m[:, None]
-    real = m if m.dtype == torch.bool else (m == 0)
-    ok = m.dtype == torch.bool or bool(((m == 0) | (m == float("-inf"))).all())
-    ok = ok and m.shape[-1] == n and bool((real == real[..., :1, :1, :]).all())
-    if not ok:
-        raise ValueError(
-            "ASAG: the attention mask of this block is not a key-padding mask (a bool mask, or 0/-inf "
-            f"entries that are the same for every head and query), got dtype {mask.dtype}, shape {tuple(mask.shape)}"
-        )
-    real = real[:, 0, 0, :].expand(batch, n)
-    return None if bool(real.all()) else real.contiguous()
 
 
 def _call_args(args, kwargs):
@@ -106,9 +72,12 @@ def _call_args(args, kwargs):
     return q, k, v, heads, mask
 
 
-def _perturbed_call(settings: SinkhornSettings, image_start: int, expected_tokens: int, args, kwargs):
+def _perturbed_call(settings: SinkhornSettings, legacy_output_scale: bool, image_start: int, expected_tokens: int,
+                    where: str, func, args, kwargs):
     """ComfyUI's ``optimized_attention(q, k, v, heads, mask=None, skip_reshape=False,
-    skip_output_reshape=False, scale=..., ...)`` computed with Sinkhorn attention."""
+    skip_output_reshape=False, scale=..., ...)`` computed with Sinkhorn attention; ``func`` is the
+    attention ComfyUI would have run (the model's own masked attention, for query rows a
+    query-and-key mask drops)."""
     q, k, v, heads, mask = _call_args(args, kwargs)
     if kwargs.get("skip_reshape", False):  # [B, H, N, D] already (Flux)
         qh, kh, vh = q, k, v
@@ -123,19 +92,25 @@ def _perturbed_call(settings: SinkhornSettings, image_start: int, expected_token
             f"ASAG: expected this block's first attention call to be its self-attention over {expected_tokens} "
             f"tokens, got {n} queries and {kh.shape[2]} keys; this model's block layout is not supported"
         )
-    out = settings.attend(qh, kh, vh, scale=kwargs.get("scale"), image_start=image_start,
-                          key_padding_mask=_key_padding_mask(mask, qh.shape[0], n))
+
+    def stock():
+        out = func(*args, **kwargs)
+        return out if kwargs.get("skip_output_reshape", False) else _heads_first(out, qh.shape[1])
+
+    out = _attend(settings, legacy_output_scale, qh, kh, vh, scale=kwargs.get("scale"), image_start=image_start,
+                  attn_mask=comfy_mask_as_sdpa(mask), stock=stock, where=where)
     out = out.to(q.dtype)
     return out if kwargs.get("skip_output_reshape", False) else _heads_last(out)
 
 
-def dit_block_patch(settings: SinkhornSettings, token_split, previous=None):
+def dit_block_patch(settings: SinkhornSettings, token_split, previous=None, where: str = "a DiT block"):
     """A ``"dit"`` block replace patch (``patch(args, extra) -> dict``) running the block with its
     self-attention replaced by Sinkhorn attention.
 
     ``token_split(args) -> (n_text, n_tokens)``: how many of the block's attention tokens are text
     (they come first in ComfyUI's Flux and SD3) and how many tokens there are in all.
     ``previous``: a block patch already installed at this key, which still runs around the block.
+    ``where``: the block, for error messages.
     """
 
     def asag_block(args, extra):
@@ -147,7 +122,8 @@ def dit_block_patch(settings: SinkhornSettings, token_split, previous=None):
         def override(func, *a, **kw):
             calls[0] += 1
             if calls[0] == 1:
-                return _perturbed_call(settings, n_text, n_tokens, a, kw)
+                stock = func if outer is None else (lambda *sa, **skw: outer(func, *sa, **skw))
+                return _perturbed_call(settings, False, n_text, n_tokens, where, stock, a, kw)
             return outer(func, *a, **kw) if outer is not None else func(*a, **kw)
 
         options["optimized_attention_override"] = override

@@ -99,15 +99,15 @@ def _range(first: str, last: str | None, what: str, entry: str, name: str) -> ra
     return range(lo, hi + 1)
 
 
-def parse_unet_block_list(text: str, layout: UNetLayout, name: str = "unet_block_list") -> list[UNetBlock]:
-    """``"m0,u0.4,d2.2-9"`` -> ``[("middle", 0), ("output", 0, 4), ("input", 7, 2), ..., ("input", 7, 9)]``
-    (for SDXL), checked against ``layout``; duplicates removed, order kept."""
+def _unet_entries(text, name: str) -> list[tuple[str, tuple]]:
+    """The syntax of ``unet_block_list`` alone (no model needed): ``[(entry, regex groups)]``, ``[]``
+    for a blank string; raises for a non-string, a malformed entry or a decreasing range."""
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a string such as 'm0,u0.4,d2.2-9', got {type(text).__name__}")
     entries = [e.strip() for e in text.split(",")]
     if not any(entries):
-        raise ValueError(f"{name} is empty; give entries such as 'm0,u0.4,d2.2-9' ({layout.describe()})")
-    out: list[UNetBlock] = []
+        return []
+    out = []
     for entry in entries:
         m = _ENTRY.match(entry)
         if m is None:
@@ -116,6 +116,28 @@ def parse_unet_block_list(text: str, layout: UNetLayout, name: str = "unet_block
                 "e.g. 'm0', 'u0.4', 'd2.2-9', 'd0-3' (d = input/down, m = middle, u = output/up)"
             )
         letter, b_lo, b_hi, t_lo, t_hi = m.groups()
+        _range(b_lo, b_hi, "block", entry, name)
+        if t_lo is not None:
+            _range(t_lo, t_hi, "transformer", entry, name)
+        out.append((entry, m.groups()))
+    return out
+
+
+def check_unet_block_list_syntax(text, name: str = "unet_block_list") -> None:
+    """Raise what :func:`parse_unet_block_list` would raise for ``text`` on any model (prompt
+    validation runs before there is a model); a blank string is allowed (the node then uses
+    ``unet_block``/``unet_block_id``)."""
+    _unet_entries(text, name)
+
+
+def parse_unet_block_list(text: str, layout: UNetLayout, name: str = "unet_block_list") -> list[UNetBlock]:
+    """``"m0,u0.4,d2.2-9"`` -> ``[("middle", 0), ("output", 0, 4), ("input", 7, 2), ..., ("input", 7, 9)]``
+    (for SDXL), checked against ``layout``; duplicates removed, order kept."""
+    entries = _unet_entries(text, name)
+    if not entries:
+        raise ValueError(f"{name} is empty; give entries such as 'm0,u0.4,d2.2-9' ({layout.describe()})")
+    out: list[UNetBlock] = []
+    for entry, (letter, b_lo, b_hi, t_lo, t_hi) in entries:
         part = _PREFIX[letter]
         blocks = layout.parts[part]
         for ordinal in _range(b_lo, b_hi, "block", entry, name):
@@ -139,19 +161,32 @@ def parse_unet_block_list(text: str, layout: UNetLayout, name: str = "unet_block
     return out
 
 
-def parse_layer_list(text, count: int, name: str) -> list[int]:
-    """DiT block indices: ``"7, 8, 9"`` or ``"7-9"`` (ComfyUI's SkipLayerGuidanceDiT convention, with
-    ranges), each in ``[0, count)``; ``""`` -> ``[]``. Duplicates removed, order kept."""
+def _layer_entries(text, name: str) -> list[tuple[str, range]]:
+    """The syntax of a DiT layer list alone (no model needed): ``[(entry, indices)]``."""
     if not isinstance(text, str):
         raise TypeError(f"{name} must be a string of block indices such as '7, 8, 9' or '7-9', got {type(text).__name__}")
-    out: list[int] = []
+    out = []
     for entry in (e.strip() for e in text.replace(";", ",").split(",")):
         if not entry:
             continue
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", entry)
         if m is None:
             raise ValueError(f"{name}: cannot parse {entry!r}; expected block indices such as '7, 8, 9' or ranges such as '7-9'")
-        for i in _range(m.group(1), m.group(2), "block", entry, name):
+        out.append((entry, _range(m.group(1), m.group(2), "block", entry, name)))
+    return out
+
+
+def check_layer_list_syntax(text, name: str) -> bool:
+    """Raise what :func:`parse_layer_list` would raise for ``text`` on any model; True if it names a block."""
+    return bool(_layer_entries(text, name))
+
+
+def parse_layer_list(text, count: int, name: str) -> list[int]:
+    """DiT block indices: ``"7, 8, 9"`` or ``"7-9"`` (ComfyUI's SkipLayerGuidanceDiT convention, with
+    ranges), each in ``[0, count)``; ``""`` -> ``[]``. Duplicates removed, order kept."""
+    out: list[int] = []
+    for entry, indices in _layer_entries(text, name):
+        for i in indices:
             if i >= count:
                 have = f"0-{count - 1}" if count else "none in this model"
                 raise ValueError(f"{name}: block {i} does not exist; this model's blocks for {name} are {have}")

@@ -7,17 +7,38 @@ import torch
 
 import comfy.ldm.flux.math
 import comfy.ldm.modules.diffusionmodules.mmdit
+import comfy.ldm.qwen_image.model
 import comfy.ldm.wan.model
-from tiny_models import heads_first, joint64, rel_err, sample, softmax64, tiny_flux, tiny_sd3, tiny_unet, tiny_wan
+from tiny_models import (
+    heads_first,
+    joint64,
+    rel_err,
+    sample,
+    softmax64,
+    tiny_chroma,
+    tiny_flux,
+    tiny_hunyuanvideo,
+    tiny_qwenimage,
+    tiny_sd3,
+    tiny_unet,
+    tiny_wan,
+)
 
 TOL = 1e-4
 TEXT_TOKENS = 6  # tiny_models.conditioning's context length
 # Where each family's blocks call ComfyUI's optimized_attention, and its block lists.
+FLUX_LISTS = {"double_block": "double_blocks", "single_block": "single_blocks"}
 FAMILIES = {
-    "flux": (tiny_flux, comfy.ldm.flux.math, {"double_block": "double_blocks", "single_block": "single_blocks"}),
+    "flux": (tiny_flux, comfy.ldm.flux.math, FLUX_LISTS),
     "sd3": (tiny_sd3, comfy.ldm.modules.diffusionmodules.mmdit, {"double_block": "joint_blocks"}),
     "wan": (tiny_wan, comfy.ldm.wan.model, {"double_block": "blocks"}),
+    # ComfyUI builds Chroma's and HunyuanVideo's blocks from Flux's layers (attention in comfy.ldm.flux.math).
+    "chroma": (tiny_chroma, comfy.ldm.flux.math, FLUX_LISTS),
+    "hunyuanvideo": (tiny_hunyuanvideo, comfy.ldm.flux.math, FLUX_LISTS),
+    "qwenimage": (tiny_qwenimage, comfy.ldm.qwen_image.model, {"double_block": "transformer_blocks"}),
 }
+# The name each family's attention module calls ComfyUI's attention by.
+ATTENTION_NAME = {"qwenimage": "optimized_attention_masked"}
 
 
 class DiTAttnRecorder:
@@ -32,14 +53,15 @@ class DiTAttnRecorder:
             for i, blk in enumerate(getattr(dm, attr)):
                 self.handles.append(blk.register_forward_pre_hook(lambda m, a, key=(block_kind, i): self._enter(key)))
                 self.handles.append(blk.register_forward_hook(lambda m, a, o: self._enter(None)))
-        inner = module.optimized_attention
+        attr = ATTENTION_NAME.get(kind, "optimized_attention")
+        inner = getattr(module, attr)
 
         def recording(*args, **kwargs):
             out = inner(*args, **kwargs)
             self.calls.append(dict(block=self.current, entry=self.entries, args=args, kwargs=kwargs, out=out.detach().clone()))
             return out
 
-        monkeypatch.setattr(module, "optimized_attention", recording)
+        monkeypatch.setattr(module, attr, recording)
 
     def _enter(self, key):
         self.current = key
@@ -101,6 +123,9 @@ CASES = [
     ("sd3", dict(double_layers="1", single_layers=""), "image", {("double_block", 1)}),
     ("sd3", dict(double_layers="0-1", single_layers=""), "joint", {("double_block", 0), ("double_block", 1)}),
     ("wan", dict(double_layers="0", single_layers=""), "image", {("double_block", 0)}),
+    ("chroma", dict(double_layers="1", single_layers="0"), "image", {("double_block", 1), ("single_block", 0)}),
+    ("hunyuanvideo", dict(double_layers="0", single_layers="1"), "image", {("double_block", 0), ("single_block", 1)}),
+    ("qwenimage", dict(double_layers="1", single_layers=""), "image", {("double_block", 1)}),
 ]
 
 
@@ -112,7 +137,7 @@ def test_dit_blocks_get_joint_sinkhorn_attention(asag_nodes, dit_recorder, kind,
     is ordinary attention."""
     steps = 2
     model = FAMILIES[kind][0]()
-    (patched,) = asag_nodes[2]().patch(model, joint_mode=joint_mode, **layers)
+    (patched,) = asag_nodes[2].execute(model, joint_mode=joint_mode, **layers)
     rec = dit_recorder(kind, patched)
     sample(patched, kind, steps=steps)
     calls = rec.classify(_text_tokens(kind), joint_mode)
@@ -129,7 +154,7 @@ def test_dit_result_differs_from_no_guidance_and_model_untouched(asag_nodes, kin
     model = FAMILIES[kind][0]()
     plain = sample(model, kind, steps=2)
     post_cfg = list(model.model_options.get("sampler_post_cfg_function", []))
-    (patched,) = asag_nodes[2]().patch(model, double_layers="0", single_layers="")
+    (patched,) = asag_nodes[2].execute(model, double_layers="0", single_layers="")
     guided = sample(patched, kind, steps=2)
     assert torch.isfinite(guided).all()
     assert rel_err(guided, plain) > 1e-3
@@ -146,14 +171,14 @@ def test_dit_result_differs_from_no_guidance_and_model_untouched(asag_nodes, kin
         ("wan", dict(double_layers="", single_layers=""), ValueError, r"both empty"),
         ("wan", dict(double_layers="0", joint_mode="text"), ValueError, r"joint_mode must be one of"),
         ("flux", dict(double_layers="1-0"), ValueError, r"decreasing block range"),
-        ("unet", dict(double_layers="0"), ValueError, r"supports SD3/SD3.5 \(MMDiT\), Flux and Wan"),
+        ("unet", dict(double_layers="0"), ValueError, r"the ASAG DiT node supports .*Flux.*, got UNetModel"),
     ],
 )
 def test_dit_bad_inputs(asag_nodes, kind, inputs, exc, pattern):
     model = tiny_unet() if kind == "unet" else FAMILIES[kind][0]()
     n_post = len(model.model_options.get("sampler_post_cfg_function", []))
     with pytest.raises(exc, match=pattern):
-        asag_nodes[2]().patch(model, **inputs)
+        asag_nodes[2].execute(model, **inputs)
     assert len(model.model_options.get("sampler_post_cfg_function", [])) == n_post
 
 
@@ -167,7 +192,7 @@ def test_flux_key_padding_mask_is_honoured(asag_nodes, dit_recorder, joint_mode)
     # Additive (0 / -inf), as masking nodes make them (ComfyUI's CPU attention mishandles 3-D bool masks).
     mask = torch.zeros(1, n, n).masked_fill(~real, float("-inf"))
     model = tiny_flux()
-    (patched,) = asag_nodes[2]().patch(model, double_layers="1", single_layers="1", joint_mode=joint_mode)
+    (patched,) = asag_nodes[2].execute(model, double_layers="1", single_layers="1", joint_mode=joint_mode)
     rec = dit_recorder("flux", patched)
     sample(patched, "flux", steps=2, extra_cond={"attention_mask": mask, "attention_mask_img_shape": (4, 4)})
     calls = rec.classify(_text_tokens("flux"), joint_mode, real_keys=real)
@@ -181,23 +206,68 @@ def test_flux_mask_that_is_not_key_padding_raises(asag_nodes):
     n = TEXT_TOKENS + 16
     mask = torch.zeros(1, n, n)
     mask[:, TEXT_TOKENS:, :2] = float("-inf")  # image queries may not see the first two text tokens
-    (patched,) = asag_nodes[2]().patch(tiny_flux(), double_layers="0", single_layers="")
+    (patched,) = asag_nodes[2].execute(tiny_flux(), double_layers="0", single_layers="")
     with pytest.raises(ValueError, match="not a key-padding mask"):
         sample(patched, "flux", steps=1, extra_cond={"attention_mask": mask, "attention_mask_img_shape": (4, 4)})
 
 
 def test_per_sample_key_padding_masks_are_accepted(asag_nodes):
-    """ComfyUI's 3-D masks are [B, Lq, Lk]: different key padding per sample is a key-padding mask."""
+    """ComfyUI's 3-D masks are [B, Lq, Lk]: different key padding per sample is a key-padding mask
+    (the pack adds the head dim and hands the mask to the core package's one rule)."""
     import sys
+
+    from asag_kernels.masks import UnsupportedMaskError, key_padding
 
     attention = sys.modules[asag_nodes[2].__module__.rsplit(".", 1)[0] + ".attention"]
     n = 6
     mask = torch.zeros(2, n, n)
     mask[0, :, 4:] = float("-inf")  # sample 0: the last two keys are padding
-    mask[1, :, :1] = float("-inf")  # sample 1: the first key is padding
-    real = attention._key_padding_mask(mask, 2, n)
+    mask[1, :, :1] = -1e4  # sample 1: the first key is padding (-1e4 drops a key, as in the diffusers rule)
+    real, padded_queries = key_padding(attention.comfy_mask_as_sdpa(mask), 2, n)
     expected = torch.tensor([[True] * 4 + [False] * 2, [False] + [True] * 5])
-    assert torch.equal(real, expected)
+    assert torch.equal(real, expected) and padded_queries is None
     mask[1, 2, 3] = float("-inf")  # now sample 1 differs between queries: not key padding
-    with pytest.raises(ValueError, match="not a key-padding mask"):
-        attention._key_padding_mask(mask, 2, n)
+    with pytest.raises(UnsupportedMaskError, match="not a key-padding mask"):
+        key_padding(attention.comfy_mask_as_sdpa(mask), 2, n)
+
+
+def _pack_module(asag_nodes, name):
+    import sys
+
+    return sys.modules[asag_nodes[2].__module__.rsplit(".", 1)[0] + "." + name]
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3", "wan", "chroma", "hunyuanvideo", "qwenimage"])
+def test_family_is_recognised_and_default_layers_are_the_familys(asag_nodes, kind):
+    """Each family's tiny model is matched to its entry, and the word 'default' means that entry's
+    layers (the tiny models have 2 blocks, so the real models' defaults name a block they lack)."""
+    families = _pack_module(asag_nodes, "families")
+    model = FAMILIES[kind][0]()
+    family = families.dit_family(model.get_model_object("diffusion_model"))
+    assert family.name == kind
+    first = int(family.default_double.split(",")[0])
+    with pytest.raises(ValueError, match=rf"double_layers: block {first} does not exist"):
+        asag_nodes[2].execute(model, double_layers="default")
+
+
+def test_default_layers_agree_with_the_diffusers_table(asag_nodes):
+    """Where asag_kernels.diffusers.families has the same family, the pack's default layers are its
+    (read from the installed file: importing asag_kernels.diffusers needs diffusers)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import asag_kernels
+
+    path = Path(asag_kernels.__file__).parent / "diffusers" / "families.py"
+    spec = importlib.util.spec_from_file_location("asag_diffusers_families_probe", path)
+    table = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = table  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(table)
+    families = _pack_module(asag_nodes, "families")
+    shared = [f for f in families.DIT_FAMILIES if f.name in table.FAMILIES]
+    assert {f.name for f in shared} == {"flux", "sd3", "wan", "hunyuanvideo", "qwenimage"}
+    for f in shared:
+        (choice,) = [c for c in table.FAMILIES[f.name].defaults if c.fqn == table.FAMILIES[f.name].block_lists[0]]
+        assert [int(i) for i in f.default_double.split(",")] == list(choice.indices), f.name
+        assert f.default_single == ""

@@ -90,9 +90,10 @@ def test_node_pack_registered_by_comfyui_loader(comfy_nodes):
     cls = comfy_nodes.NODE_CLASS_MAPPINGS["AdversarialSinkhornAttentionGuidance"]
     req = cls.INPUT_TYPES()["required"]
     assert req["scale"][1]["default"] == 1.5 and req["sinkhorn_iters"][1]["default"] == 2
-    assert req["unet_block"][0] == ["input", "middle", "output"] and req["unet_block"][1]["default"] == "middle"
+    # comfy_api nodes describe a choice as ("COMBO", {"options": [...]}) where the V1 node had ([...], {...}).
+    assert req["unet_block"][1]["options"] == ["input", "middle", "output"] and req["unet_block"][1]["default"] == "middle"
     assert "unet_block_list" in cls.INPUT_TYPES()["optional"]
-    assert cls.RETURN_TYPES == ("MODEL",)
+    assert list(cls.RETURN_TYPES) == ["MODEL"]
 
 
 def test_tiny_unet_layout():
@@ -115,7 +116,7 @@ def test_perturbed_blocks_get_sinkhorn_attention_others_unchanged(asag_nodes, re
     """In the chosen blocks the guidance pass's self-attention equals Sinkhorn attention on that
     block's q, k, v (once per step); every other self-attention call of every pass is softmax."""
     model = tiny_unet()
-    (patched,) = asag_nodes[0]().patch(model, **inputs)
+    (patched,) = asag_nodes[0].execute(model, **inputs)
     rec = recorder(patched)
     sample(patched, "unet", steps=STEPS)
     calls = rec.classify()
@@ -128,7 +129,7 @@ def test_perturbed_blocks_get_sinkhorn_attention_others_unchanged(asag_nodes, re
 
 def test_sinkhorn_settings_and_legacy_output_scale(asag_nodes, recorder):
     model = tiny_unet()
-    (patched,) = asag_nodes[1]().patch(model, sinkhorn_iters=3, epsilon=0.5, legacy_output_scale=True)
+    (patched,) = asag_nodes[1].execute(model, sinkhorn_iters=3, epsilon=0.5, legacy_output_scale=True)
     rec = recorder(patched)
     sample(patched, "unet", steps=2)
     kinds = rec.classify(num_iters=3, epsilon=0.5, legacy=True)
@@ -170,7 +171,7 @@ def test_guidance_step_matches_formula(asag_nodes, rescale, rescale_mode):
 
     base = tiny_unet()
     base.set_model_sampler_post_cfg_function(before)
-    (patched,) = asag_nodes[0]().patch(base, scale=scale, rescale=rescale, rescale_mode=rescale_mode)
+    (patched,) = asag_nodes[0].execute(base, scale=scale, rescale=rescale, rescale_mode=rescale_mode)
     patched.set_model_sampler_post_cfg_function(after)
     sample(patched, "unet", steps=STEPS)
     assert len(steps) == STEPS
@@ -208,7 +209,7 @@ def test_sigma_window_is_honoured(asag_nodes, recorder):
     base = model.clone()
     base.set_model_sampler_post_cfg_function(before)
     # ASAG where sigma_end < sigma <= sigma_start: only the second step.
-    (patched,) = asag_nodes[0]().patch(base, sigma_start=float(sigmas[1]), sigma_end=float(sigmas[2]))
+    (patched,) = asag_nodes[0].execute(base, sigma_start=float(sigmas[1]), sigma_end=float(sigmas[2]))
     patched.set_model_sampler_post_cfg_function(after)
     rec = recorder(patched)
     sample(patched, "unet", steps=STEPS)
@@ -224,7 +225,7 @@ def test_result_differs_from_no_guidance_and_from_pag(asag_nodes):
     model = tiny_unet()
     plain = sample(model, "unet")
     pag = sample(PerturbedAttentionGuidance.execute(model, 1.5)[0], "unet")
-    (asag_model,) = asag_nodes[0]().patch(model, scale=1.5)
+    (asag_model,) = asag_nodes[0].execute(model, scale=1.5)
     asag = sample(asag_model, "unet")
     assert torch.isfinite(asag).all()
     assert rel_err(asag, plain) > 1e-2
@@ -244,7 +245,7 @@ def test_original_model_is_not_modified(asag_nodes):
     weights = {k: v.clone() for k, v in model.model.state_dict().items()}
     options = _options_snapshot(model)
     before = sample(model, "unet")
-    (patched,) = asag_nodes[0]().patch(model, unet_block_list="d0,m0,u2")
+    (patched,) = asag_nodes[0].execute(model, unet_block_list="d0,m0,u2")
     assert patched is not model and patched.model is model.model  # a clone sharing the weights
     assert len(patched.model_options["sampler_post_cfg_function"]) == len(options[1]) + 1
     sample(patched, "unet")
@@ -280,7 +281,7 @@ def test_bad_inputs_raise_clear_errors_and_leave_model_alone(asag_nodes, inputs,
     model = tiny_unet()
     options = _options_snapshot(model)
     with pytest.raises(exc, match=pattern):
-        asag_nodes[0]().patch(model, **inputs)
+        asag_nodes[0].execute(model, **inputs)
     assert _options_snapshot(model) == options
 
 
@@ -288,6 +289,6 @@ def test_unet_node_rejects_non_models_and_dits(asag_nodes):
     from tiny_models import tiny_flux
 
     with pytest.raises(TypeError, match="model must be a ComfyUI MODEL"):
-        asag_nodes[0]().patch(object())
+        asag_nodes[0].execute(object())
     with pytest.raises(ValueError, match="no UNet self-attention"):
-        asag_nodes[0]().patch(tiny_flux())
+        asag_nodes[0].execute(tiny_flux())

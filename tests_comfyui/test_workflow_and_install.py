@@ -69,3 +69,61 @@ def test_core_package_does_not_import_comfyui():
 
     code = "import sys, asag_kernels, asag_kernels.joint; bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'nodes', 'comfyui_asag', 'folder_paths')]; print(bad); assert not bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_nodes_are_comfy_api_nodes_registered_through_the_entrypoint(comfy_nodes):
+    """The pack is a comfy_api.latest extension: ComfyUI's loader takes comfy_entrypoint (a legacy
+    NODE_CLASS_MAPPINGS would make it skip the entrypoint), and every node input has a tooltip."""
+    import importlib.util
+
+    from comfy_api.latest import ComfyExtension, io
+
+    spec = importlib.util.spec_from_file_location("asag_pack_probe", NODE_PACK / "__init__.py",
+                                                  submodule_search_locations=[str(NODE_PACK)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["asag_pack_probe"] = pack
+    spec.loader.exec_module(pack)
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS")
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    listed = asyncio.run(extension.get_node_list())
+    ids = [cls.GET_SCHEMA().node_id for cls in listed]
+    assert ids == ["AdversarialSinkhornAttentionGuidance", "AdversarialSinkhornAttentionGuidanceAdvanced",
+                   "AdversarialSinkhornAttentionGuidanceDiT"]
+    for node_id in ids:
+        registered = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert issubclass(registered, io.ComfyNode)
+        schema = registered.GET_SCHEMA()
+        assert schema.display_name and comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == schema.display_name
+        for section in registered.INPUT_TYPES().values():
+            for name, (_, options) in section.items():
+                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+@pytest.mark.parametrize(
+    "node_id, field, value, message",
+    [
+        ("10", "unet_block_list", "m0,x7", "cannot parse entry 'x7'"),
+        ("10", "unet_block_list", "d3-1", "decreasing block range"),
+    ],
+)
+def test_malformed_block_list_is_a_prompt_node_error(comfy_nodes, node_id, field, value, message):
+    """A malformed block list is refused by prompt validation (before any model is loaded), as a
+    node error naming the input; a well-formed one passes (its blocks are checked when the node runs)."""
+    prompt = json.loads(WORKFLOW.read_text())
+    bad = copy.deepcopy(prompt)
+    bad[node_id]["inputs"][field] = value
+    valid, error, outputs, node_errors = _validate(bad)
+    assert not valid and node_id in node_errors
+    assert any(message in e["details"] for e in node_errors[node_id]["errors"]), node_errors[node_id]
+    good = copy.deepcopy(prompt)
+    good[node_id]["inputs"][field] = "m0, u0.1"
+    assert _validate(good)[0]
+
+
+def test_dit_layer_lists_are_checked_at_prompt_time(comfy_nodes):
+    cls = comfy_nodes.NODE_CLASS_MAPPINGS["AdversarialSinkhornAttentionGuidanceDiT"]
+    assert cls.validate_inputs(double_layers="7, 8, 9", single_layers="") is True
+    assert cls.validate_inputs(double_layers="default", single_layers="") is True
+    assert "cannot parse 'x'" in cls.validate_inputs(double_layers="1,x", single_layers="")
+    assert "both empty" in cls.validate_inputs(double_layers=" ", single_layers="")

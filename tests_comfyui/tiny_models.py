@@ -85,6 +85,28 @@ def tiny_wan(seed: int = 0):
     return _patcher(comfy.supported_models.WAN21_T2V, cfg, seed)
 
 
+def tiny_chroma(seed: int = 0):
+    # Chroma: Flux's blocks without per-block modulation (one distilled approximator makes every modulation).
+    cfg = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64, mlp_ratio=2.0,
+               num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+               qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=1, txt_ids_dims=[], vec_in_dim=None)
+    return _patcher(comfy.supported_models.Chroma, cfg, seed)
+
+
+def tiny_hunyuanvideo(seed: int = 0):
+    cfg = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=16, context_in_dim=32,
+               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12],
+               theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False,
+               use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)
+    return _patcher(comfy.supported_models.HunyuanVideo, cfg, seed)
+
+
+def tiny_qwenimage(seed: int = 0):
+    cfg = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+               attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
+    return _patcher(comfy.supported_models.QwenImage, cfg, seed)
+
+
 def conditioning(kind: str, seed: int, tokens: int = 6):
     """ComfyUI CONDITIONING lists ``[[tensor, dict]]`` (positive, negative) for a tiny model."""
     g = torch.Generator().manual_seed(seed)
@@ -96,12 +118,17 @@ def conditioning(kind: str, seed: int, tokens: int = 6):
             extra = {"pooled_output": torch.randn(1, 16, generator=g), "guidance": 3.5}
         elif kind == "sd3":
             extra = {"pooled_output": torch.randn(1, 16, generator=g)}
+        elif kind == "chroma":
+            extra = {"guidance": 0.0}
+        elif kind == "hunyuanvideo":
+            extra = {"pooled_output": torch.randn(1, 16, generator=g), "guidance": 6.0}
         out.append([[ctx, extra]])
     return out
 
 
 def latent(kind: str, seed: int) -> torch.Tensor:
-    shape = {"unet": (1, 4, 8, 8), "flux": (1, 16, 8, 8), "sd3": (1, 16, 8, 8), "wan": (1, 16, 2, 8, 8)}[kind]
+    shape = {"unet": (1, 4, 8, 8), "flux": (1, 16, 8, 8), "sd3": (1, 16, 8, 8), "wan": (1, 16, 2, 8, 8),
+             "chroma": (1, 16, 8, 8), "hunyuanvideo": (1, 16, 2, 8, 8), "qwenimage": (1, 16, 1, 8, 8)}[kind]
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
