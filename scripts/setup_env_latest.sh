@@ -44,10 +44,11 @@ _asag_latest_pip() { python -m pip install -q "$@" 2> >(grep -v "is ignored: it 
 reqs="$LATEST_VENV/comfyui-requirements.txt"
 grep -v -i -E '^[[:space:]]*(comfyui-frontend-package|comfyui-workflow-templates|comfyui-embedded-docs|torch|torchvision|torchaudio)([^a-z0-9_.-]|$)' \
   "$COMFYUI_DIR/requirements.txt" > "$reqs"
-deps_stamp=$( { echo "$TORCH_SPEC $TORCHVISION_SPEC"; cat "$reqs"; } | sha256sum | cut -c1-16)
+deps_stamp=$( { echo "$TORCH_SPEC $TORCHVISION_SPEC comfy-cli"; cat "$reqs"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$LATEST_VENV/.asag_deps_stamp" 2>/dev/null)" != "$deps_stamp" ]; then
   step "installing $TORCH_SPEC, $TORCHVISION_SPEC and ComfyUI's requirements into ./.venv-latest (minutes the first time)"
-  _asag_latest_pip "setuptools>=77" ninja pytest "$TORCH_SPEC" "$TORCHVISION_SPEC" -r "$reqs"
+  # comfy-cli: its registry-metadata parser checks comfyui_asag/pyproject.toml (tests_comfyui).
+  _asag_latest_pip "setuptools>=77" ninja pytest comfy-cli "$TORCH_SPEC" "$TORCHVISION_SPEC" -r "$reqs"
   # The newest torchaudio on the index is pinned to an older torch; ComfyUI only needs it to import.
   _asag_latest_pip --no-deps torchaudio
   echo "$deps_stamp" > "$LATEST_VENV/.asag_deps_stamp"

@@ -48,8 +48,46 @@ def test_node_pack_metadata_parses_with_comfyui_config_parser():
     config = config_parser.extract_node_configuration(str(NODE_PACK))
     assert config is not None
     assert config.tool_comfy.publisher_id and config.tool_comfy.display_name
-    assert config.project.name == "comfyui-asag" and "asag-kernels" in config.project.dependencies
-    assert (NODE_PACK / "requirements.txt").read_text().split() == ["asag-kernels"]
+    assert config.project.name == "comfyui-asag"
+    # Nothing a package index would be asked for: asag-kernels is on none (scripts/install_comfyui.py installs it).
+    assert config.project.dependencies == []
+    reqs = [line for line in (NODE_PACK / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert reqs == []
+
+
+def test_node_pack_metadata_follows_the_registry_specification():
+    """docs.comfy.org/registry/specifications: name rules, X.Y.Z version, Repository URL, PublisherId, an Icon
+    URL of an allowed type, requires-comfyui a version specifier that the tested ComfyUI satisfies."""
+    import re
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    meta = tomllib.loads((NODE_PACK / "pyproject.toml").read_text())
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    name = project["name"]
+    assert len(name) < 100 and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*(?:[-_.][A-Za-z0-9]+)*", name), name
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"]), project["version"]
+    assert project["urls"]["Repository"].startswith("https://")
+    assert isinstance(project.get("license"), dict) and ("text" in project["license"] or "file" in project["license"])
+    assert re.fullmatch(r"[a-z0-9][a-z0-9-]*", comfy["PublisherId"]), comfy["PublisherId"]
+    assert comfy["DisplayName"]
+    assert comfy["Icon"].startswith("https://") and comfy["Icon"].rsplit(".", 1)[-1] in ("svg", "png", "jpg", "gif")
+    icon = NODE_PACK / comfy["Icon"].rsplit("/comfyui_asag/", 1)[-1]
+    assert icon.is_file(), f"the Icon URL points at {icon.name}, which the pack does not ship"
+    spec = SpecifierSet(comfy["requires-comfyui"])
+    comfyui_dir = Path(os.environ.get("ASAG_COMFYUI_DIR", REPO.parent / "shared" / "vendor" / "ComfyUI"))
+    tested = re.search(r'__version__ = "([^"]+)"', (comfyui_dir / "comfyui_version.py").read_text()).group(1)
+    assert Version(tested) in spec, f"requires-comfyui {spec} excludes the tested ComfyUI {tested}"
+
+
+def test_node_pack_metadata_passes_comfy_cli_validation():
+    """comfy-cli's own parser of the registry metadata (the one `comfy node publish` runs) accepts it."""
+    from comfy_cli.registry import config_parser  # installed by scripts/setup_env_latest.sh
+
+    config = config_parser.extract_node_configuration(str(NODE_PACK / "pyproject.toml"))
+    assert config is not None and config.project.name == "comfyui-asag" and config.tool_comfy.publisher_id == "asag-kernels"
 
 
 def test_asag_kernels_is_the_installed_package():
@@ -127,3 +165,40 @@ def test_dit_layer_lists_are_checked_at_prompt_time(comfy_nodes):
     assert cls.validate_inputs(double_layers="default", single_layers="") is True
     assert "cannot parse 'x'" in cls.validate_inputs(double_layers="1,x", single_layers="")
     assert "both empty" in cls.validate_inputs(double_layers=" ", single_layers="")
+
+
+def test_missing_asag_kernels_logs_one_line_and_comfyui_goes_on(tmp_path):
+    """Without asag_kernels in ComfyUI's Python, loading the pack logs one line saying how to install it, registers
+    nothing, raises nothing; ComfyUI's loader goes on (it reports the pack as loaded with no nodes)."""
+    import subprocess
+
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    # A module finder that makes `import asag_kernels` fail, as in a Python where it was never installed.
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'asag_kernels' or name.startswith('asag_kernels.'):\n"
+        "            raise ModuleNotFoundError(f\"No module named {name!r}\", name=name)\n"
+        "sys.meta_path.insert(0, _Hide())\n")
+    comfyui_dir = Path(os.environ.get("ASAG_COMFYUI_DIR", REPO.parent / "shared" / "vendor" / "ComfyUI"))
+    code = (
+        "import asyncio, logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        "sys.argv = ['main.py', '--cpu']\n"
+        f"sys.path.insert(0, {str(comfyui_dir)!r})\n"
+        "import comfy.options; comfy.options.enable_args_parsing()\n"
+        "import nodes\n"
+        "before = set(nodes.NODE_CLASS_MAPPINGS)\n"
+        f"ok = asyncio.run(nodes.load_custom_node({str(NODE_PACK)!r}))\n"
+        "print('LOADED', ok, sorted(set(nodes.NODE_CLASS_MAPPINGS) - before))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(hide), "PYTHONDONTWRITEBYTECODE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "LOADED True []" in run.stdout, run.stdout + run.stderr[-2000:]
+    hint = [line for line in run.stderr.splitlines() if "comfyui_asag" in line and "install_comfyui.py" in line]
+    assert len(hint) == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
