@@ -179,7 +179,8 @@ def _candidate_tiles():
     """The distinct (BLOCK_M, BLOCK_N) of every candidate shape: what changes the sums' order (the
     interpreter ignores warps and stages)."""
     kernels = triton_backend.kernels()
-    shapes = [*kernels.POTENTIAL_SHAPES, *kernels.ATTENTION_SHAPES, *kernels.FLOAT32_SHAPES, *kernels.PINNED.values()]
+    shapes = [*kernels.POTENTIAL_SHAPES, *kernels.ATTENTION_SHAPES, *kernels.FLOAT32_SHAPES, *kernels.PINNED.values(),
+              *(s for wide in kernels.WIDE_HEAD_SHAPES.values() for s in wide)]
     return sorted({(m, n) for m, n, _, _ in shapes})
 
 
@@ -337,7 +338,8 @@ def test_prune_configs_fit_a_fake_device(monkeypatch, max_shared_kib):
                 for m, n, _, stages in shapes:
                     assert kernels.shared_memory_estimate(m, n, stages, d_pad, extra.get("DV_PAD", 0), elem) <= budget or \
                         shapes == [kernels.FALLBACK_SHAPE], (kind, dtype, d_pad, m, n, stages, budget)
-                candidates = [*kernels.candidate_shapes(kind, elem, precision), kernels.FALLBACK_SHAPE]
+                candidates = [*kernels.candidate_shapes(kind, elem, precision, arch=80, d_pad=d_pad),
+                              kernels.FALLBACK_SHAPE]
                 assert {(m, n, w) for m, n, w, _ in shapes} <= {(m, n, w) for m, n, w, _ in candidates}
                 # Below AUTOTUNE_MIN_SIZE only the pinned one runs, and it leads the full list.
                 small = kernels.fixed_config(_named_args(dtype, 512, 4096), kw)
@@ -363,6 +365,21 @@ def test_pinned_table_is_used(monkeypatch):
     other = kernels.choose_configs("attention", arch=80, max_shared_mem=164 * 1024, elem_bytes=2, precision="ieee",
                                    d_pad=128, dv_pad=128, pinned_only=True)
     assert other[0][:3] == kernels.ATTENTION_SHAPES[0][:3]
+
+
+def test_wide_tf32_heads_run_their_compiled_shapes():
+    """Head dim 256 in TF32 on an A100 and an H100: the launch chooses exactly the WIDE_HEAD_SHAPES
+    that the compile sweep measured spill-free (stages not shrunk, no 32×32 fallback)."""
+    require_backend("triton", torch.float32)
+    kernels = triton_backend.kernels()
+    for arch, smem in ((80, kernels.ARCH_SHARED_MEMORY[80]), (90, kernels.ARCH_SHARED_MEMORY[90])):
+        for kind, dv_pad in (("potential", 0), ("attention", 256)):
+            got = kernels.choose_configs(kind, arch=arch, max_shared_mem=smem, elem_bytes=4, precision="tf32",
+                                         d_pad=256, dv_pad=dv_pad, pinned_only=False)
+            wide = kernels.WIDE_HEAD_SHAPES.get((kind, arch, 256, "tf32"))
+            if wide is not None:
+                assert got == wide, (kind, arch, got)
+            assert kernels.FALLBACK_SHAPE not in got, (kind, arch, got)
 
 
 def test_spilling_candidates_are_never_chosen(monkeypatch):

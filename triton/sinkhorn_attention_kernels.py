@@ -39,7 +39,8 @@ Tile starts are 64-bit, offsets inside a tile 32-bit.
 
 Configurations: ``choose_configs`` is the one place that decides which tiles a launch may use. On a
 GPU the candidates that ``benchmarks/triton_compile_sweep.py`` saw spill registers on the
-architecture at that head dim (``SPILLING``) are left out and the rest are fitted to the device's
+architecture at that head dim (``SPILLING``) are left out (where no generic tile can run spill-free,
+``WIDE_HEAD_SHAPES`` replaces the candidates: head dim 256 in TF32) and the rest are fitted to the device's
 shared memory (stages shrink first); below ``AUTOTUNE_MIN_SIZE`` rows or columns, or with
 ``ASAG_TRITON_AUTOTUNE=0``, only the pinned configuration runs (a ``PINNED`` entry, else the first
 candidate left), launched directly without the autotuner. Under ``TRITON_INTERPRET=1`` one small
@@ -82,6 +83,29 @@ ATTENTION_SHAPES = POTENTIAL_SHAPES[:6]
 FLOAT32_SHAPES = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)]
 # When no candidate fits the shared memory (very wide heads on a small device).
 FALLBACK_SHAPE = (32, 32, 4, 1)
+# Head dim 256 in TF32 (float32 tiles, 4 bytes an element): these replace the generic candidates
+# at their (kind, arch, D_PAD, dot class) key, the first one pinned. There the generic attention
+# tiles do not fit the shared-memory budget beside the value tile (the 32×32 fallback ran and
+# spilled 2,272 B on sm_80, 2,208 B on sm_90) and the one potential tile that fits on sm_80
+# (64×64) spilled 7,528 B. On sm_80 (mma.sync) a warp holds its 16 rows of the resident row tile
+# in registers: 16 × 256 float32 is 128 of its 255, so what is left must carry the key/value
+# operands and the accumulator. Hence narrow key tiles (16 or 32 columns), few rows per warp in
+# the attention pass (16-row tiles; the accumulator's columns spread over the warps) and 2-3
+# stages (the same tiles with fewer stages spill: 16×32 with 4 warps 512 B at one stage, 184 B at
+# two; 16×16 40 B at two, none at three; the potential pass's 128×16 with 8 warps 112 B at one
+# stage, and two stages do not fit the budget, hence 64×32). On sm_90 the attention pass runs
+# 128×16 with 8 warps on wgmma (two warpgroups of 64 rows, operands from shared memory), so K/V
+# are read once per 128 query rows; its potential pass keeps the generic tiles (no spill there).
+# Every shape here compiled with no spill for every pass (benchmarks/triton_compile_sweep.py,
+# compile-only, Triton 3.9; docs/PERF.md), at 204-255 registers a thread and 81-144 KiB of shared
+# memory a block: low occupancy (one or two blocks an SM), which the cp.async pipelining (sm_80)
+# and the 128-row reuse of each K/V tile (sm_90) are there to offset. Two candidates each, so that
+# the autotuner, not this table, picks the faster on a real GPU (no GPU has timed them).
+WIDE_HEAD_SHAPES: dict[tuple[str, int, int, str], list[tuple[int, int, int, int]]] = {
+    ("potential", 80, 256, "tf32"): [(64, 32, 8, 2), (64, 16, 4, 3)],
+    ("attention", 80, 256, "tf32"): [(16, 32, 8, 2), (16, 16, 4, 3)],
+    ("attention", 90, 256, "tf32"): [(128, 16, 8, 1), (16, 16, 4, 3)],
+}
 # The interpreter is slow per tile and cannot autotune: one small configuration.
 INTERPRETER_SHAPE = (64, 64, 4, 1)
 
@@ -161,8 +185,17 @@ def dot_class(elem_bytes: int, precision: str) -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
-def candidate_shapes(kind: str, elem_bytes: int, precision: str) -> list[tuple[int, int, int, int]]:
+def config_key(kind: str, arch: int, d_pad: int, elem_bytes: int, precision: str) -> tuple[str, int, int, str]:
+    """The (kind, arch column, D_PAD, dot class) key of ``PINNED``, ``SPILLING`` and ``WIDE_HEAD_SHAPES``."""
+    return (kind, pinned_arch(arch), d_pad, dot_class(elem_bytes, precision))
+
+
+def candidate_shapes(kind: str, elem_bytes: int, precision: str, *, arch: int,
+                     d_pad: int) -> list[tuple[int, int, int, int]]:
     """Autotuning candidates of ``kind`` ("potential" or "attention") before the memory fit."""
+    wide = WIDE_HEAD_SHAPES.get(config_key(kind, arch, d_pad, elem_bytes, precision))
+    if wide is not None:
+        return list(wide)
     if elem_bytes == 4 and precision == "ieee":
         return list(FLOAT32_SHAPES)
     return list(POTENTIAL_SHAPES if kind == "potential" else ATTENTION_SHAPES)
@@ -177,8 +210,9 @@ def choose_configs(kind: str, *, arch: int, max_shared_mem: int, elem_bytes: int
     are dropped); ``pinned_only`` keeps just the first.
     """
     budget = shared_memory_budget(max_shared_mem)
-    key = (kind, pinned_arch(arch), d_pad, dot_class(elem_bytes, precision))
-    candidates = [s for s in candidate_shapes(kind, elem_bytes, precision) if s[:3] not in SPILLING.get(key, ())]
+    key = config_key(kind, arch, d_pad, elem_bytes, precision)
+    candidates = [s for s in candidate_shapes(kind, elem_bytes, precision, arch=arch, d_pad=d_pad)
+                  if s[:3] not in SPILLING.get(key, ())]
     pinned = PINNED.get(key, candidates[0] if candidates else FALLBACK_SHAPE)
     kept = []
     for shape in [pinned, *candidates]:
