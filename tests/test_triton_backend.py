@@ -367,19 +367,18 @@ def test_pinned_table_is_used(monkeypatch):
     assert other[0][:3] == kernels.ATTENTION_SHAPES[0][:3]
 
 
-def test_wide_tf32_heads_run_their_compiled_shapes():
-    """Head dim 256 in TF32 on an A100 and an H100: the launch chooses exactly the WIDE_HEAD_SHAPES
-    that the compile sweep measured spill-free (stages not shrunk, no 32×32 fallback)."""
+def test_wide_head_keys_run_their_compiled_shapes():
+    """Every WIDE_HEAD_SHAPES key on an A100 / H100: the launch chooses exactly the tiles that the
+    compile sweep measured spill-free (stages not shrunk, no 32×32 fallback); head dim 256 in TF32
+    has its attention entries on both architectures."""
     require_backend("triton", torch.float32)
     kernels = triton_backend.kernels()
-    for arch, smem in ((80, kernels.ARCH_SHARED_MEMORY[80]), (90, kernels.ARCH_SHARED_MEMORY[90])):
-        for kind, dv_pad in (("potential", 0), ("attention", 256)):
-            got = kernels.choose_configs(kind, arch=arch, max_shared_mem=smem, elem_bytes=4, precision="tf32",
-                                         d_pad=256, dv_pad=dv_pad, pinned_only=False)
-            wide = kernels.WIDE_HEAD_SHAPES.get((kind, arch, 256, "tf32"))
-            if wide is not None:
-                assert got == wide, (kind, arch, got)
-            assert kernels.FALLBACK_SHAPE not in got, (kind, arch, got)
+    assert {("attention", 80, 256, "tf32"), ("attention", 90, 256, "tf32")} <= set(kernels.WIDE_HEAD_SHAPES)
+    for (kind, arch, d_pad, dot), wide in kernels.WIDE_HEAD_SHAPES.items():
+        got = kernels.choose_configs(kind, arch=arch, max_shared_mem=kernels.ARCH_SHARED_MEMORY[arch],
+                                     elem_bytes=2 if dot == "16bit" else 4, precision="ieee" if dot == "16bit" else dot,
+                                     d_pad=d_pad, dv_pad=d_pad if kind == "attention" else 0, pinned_only=False)
+        assert got == wide, (kind, arch, d_pad, dot, got)
 
 
 def test_spilling_candidates_are_never_chosen(monkeypatch):

@@ -83,8 +83,9 @@ ATTENTION_SHAPES = POTENTIAL_SHAPES[:6]
 FLOAT32_SHAPES = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)]
 # When no candidate fits the shared memory (very wide heads on a small device).
 FALLBACK_SHAPE = (32, 32, 4, 1)
-# Head dim 256 in TF32 (float32 tiles, 4 bytes an element): these replace the generic candidates
-# at their (kind, arch, D_PAD, dot class) key, the first one pinned. There the generic attention
+# Rows of 512 bytes or more (head dim 256 in TF32; also head dim 128 in TF32 and 256 in 16 bits
+# for the sm_80 attention pass, end of the table): these replace the generic candidates at their
+# (kind, arch, D_PAD, dot class) key, the first one pinned. At D = 256 in TF32 the generic attention
 # tiles do not fit the shared-memory budget beside the value tile (the 32×32 fallback ran and
 # spilled 2,272 B on sm_80, 2,208 B on sm_90) and the one potential tile that fits on sm_80
 # (64×64) spilled 7,528 B. On sm_80 (mma.sync) a warp holds its 16 rows of the resident row tile
@@ -105,6 +106,11 @@ WIDE_HEAD_SHAPES: dict[tuple[str, int, int, str], list[tuple[int, int, int, int]
     ("potential", 80, 256, "tf32"): [(64, 32, 8, 2), (64, 16, 4, 3)],
     ("attention", 80, 256, "tf32"): [(16, 32, 8, 2), (16, 16, 4, 3)],
     ("attention", 90, 256, "tf32"): [(128, 16, 8, 1), (16, 16, 4, 3)],
+    # Every generic tile spilled here (TF32 D = 128: 184 B at best, 128×64 with 8 warps; 16-bit
+    # D = 256: 7,992 B at best); 32-row tiles with 3 stages do not (242-255 registers; 16-bit
+    # D = 256 also 16×32 with 8 warps, 167-172 registers, measured for bfloat16 and float16).
+    ("attention", 80, 128, "tf32"): [(32, 32, 8, 3), (32, 32, 4, 3)],
+    ("attention", 80, 256, "16bit"): [(32, 32, 8, 3), (16, 32, 8, 2)],
 }
 # The interpreter is slow per tile and cannot autotune: one small configuration.
 INTERPRETER_SHAPE = (64, 64, 4, 1)
@@ -123,15 +129,9 @@ SPILLING: dict[tuple[str, int, int, str], set[tuple[int, int, int]]] = {
     ("potential", 80, 64, "16bit"): {(128, 128, 4)},
     ("attention", 80, 64, "16bit"): {(64, 128, 4)},
     ("potential", 80, 128, "tf32"): {(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 128, 4)},
-    # Open: TF32 attention at D = 128 on sm_80 spills in every configuration tried (the float32 q
-    # tile and accumulator); the one kept spills least (184 B; 64×64 and 64×32 tiles spill more).
-    ("attention", 80, 128, "tf32"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (128, 128, 8), (64, 128, 4)},
     ("potential", 90, 128, "tf32"): {(128, 128, 4)},
     ("attention", 90, 128, "tf32"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
     ("potential", 80, 256, "16bit"): {(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 128, 4)},
-    # Open: 16-bit attention at D = 256 on sm_80 spills in every candidate; the first is kept so
-    # that something launches.
-    ("attention", 80, 256, "16bit"): {(128, 64, 4), (128, 32, 4), (64, 64, 4)},
     ("potential", 90, 256, "16bit"): {(128, 128, 4)},
     ("attention", 90, 256, "16bit"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
 }
