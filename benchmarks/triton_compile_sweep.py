@@ -25,7 +25,8 @@ loads; a tile read element by element, as D = 40 was before its alignment hint, 
 
 ``--ci`` is the bounded subset CI runs (a few minutes on two cores): sm_80 and sm_90, bfloat16, the
 SPEC head dims, the Sinkhorn kernels (potential pass with bias, attention pass after iterations),
-the pinned configuration of each plus, at D = 128 (the most register-hungry), every candidate; and
+the pinned configuration of each plus, at D = 128 (the most register-hungry), every candidate; the
+pinned configuration at D = 256 in TF32 (``CI_WIDE``: potential pass with bias, ``biased_attention``); and
 one kernel compiled with and without fp fusion, whose SASS opcode sequence must be identical (every
 multiply-add in the kernels is an explicit ``tl.fma``). ``--json PATH`` writes every row. ``main(argv)`` is the
 entry point that ``benchmarks/gpu_check.py --compile-only SM`` calls.
@@ -55,6 +56,10 @@ MODES = {"bf16": ("bfloat16", False), "fp16": ("float16", False), "fp32": ("floa
 # Variant name -> how the launcher is driven to produce it (see _capture).
 VARIANTS = ("potential", "potential_bias", "attention_bias", "attention_row", "row_lse", "biased_attention")
 CI_VARIANTS = ("potential_bias", "attention_bias")
+# Also in --ci, pinned only: head dim 256 in TF32 (the widest float32 tiles, whose WIDE_HEAD_SHAPES
+# sit at 204-255 registers), the potential pass and the attention pass that also writes the LSE
+# (its most register-hungry variant): 4 compiles, a few seconds.
+CI_WIDE = (("tf32", 256, ("potential_bias", "biased_attention")),)
 DEFAULT_ARCHS = (80, 90)
 # Sequence length and heads of the captured launches (SPEC §7 sizes: autotuning is on there).
 SEQ, HEADS = 4096, 8
@@ -243,6 +248,11 @@ def plan(args) -> list[dict]:
                     for index, config in enumerate(configs):
                         jobs.append(dict(arch=arch, mode=mode, dim=dim, variant=variant, config=list(config),
                                          pinned=index == 0))
+        for mode, dim, variants in CI_WIDE if args.ci else ():
+            for variant in variants:
+                _, kind, _, kwargs = _capture(variant, dim, mode)
+                config = launchable_configs(kind, kwargs, 2 if mode in ("bf16", "fp16") else 4, arch)[0]
+                jobs.append(dict(arch=arch, mode=mode, dim=dim, variant=variant, config=list(config), pinned=True))
     return jobs
 
 

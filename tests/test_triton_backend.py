@@ -179,7 +179,8 @@ def _candidate_tiles():
     """The distinct (BLOCK_M, BLOCK_N) of every candidate shape: what changes the sums' order (the
     interpreter ignores warps and stages)."""
     kernels = triton_backend.kernels()
-    shapes = [*kernels.POTENTIAL_SHAPES, *kernels.ATTENTION_SHAPES, *kernels.FLOAT32_SHAPES, *kernels.PINNED.values()]
+    shapes = [*kernels.POTENTIAL_SHAPES, *kernels.ATTENTION_SHAPES, *kernels.FLOAT32_SHAPES, *kernels.PINNED.values(),
+              *(s for wide in kernels.WIDE_HEAD_SHAPES.values() for s in wide)]
     return sorted({(m, n) for m, n, _, _ in shapes})
 
 
@@ -337,7 +338,8 @@ def test_prune_configs_fit_a_fake_device(monkeypatch, max_shared_kib):
                 for m, n, _, stages in shapes:
                     assert kernels.shared_memory_estimate(m, n, stages, d_pad, extra.get("DV_PAD", 0), elem) <= budget or \
                         shapes == [kernels.FALLBACK_SHAPE], (kind, dtype, d_pad, m, n, stages, budget)
-                candidates = [*kernels.candidate_shapes(kind, elem, precision), kernels.FALLBACK_SHAPE]
+                candidates = [*kernels.candidate_shapes(kind, elem, precision, arch=80, d_pad=d_pad),
+                              kernels.FALLBACK_SHAPE]
                 assert {(m, n, w) for m, n, w, _ in shapes} <= {(m, n, w) for m, n, w, _ in candidates}
                 # Below AUTOTUNE_MIN_SIZE only the pinned one runs, and it leads the full list.
                 small = kernels.fixed_config(_named_args(dtype, 512, 4096), kw)
@@ -363,6 +365,20 @@ def test_pinned_table_is_used(monkeypatch):
     other = kernels.choose_configs("attention", arch=80, max_shared_mem=164 * 1024, elem_bytes=2, precision="ieee",
                                    d_pad=128, dv_pad=128, pinned_only=True)
     assert other[0][:3] == kernels.ATTENTION_SHAPES[0][:3]
+
+
+def test_wide_head_keys_run_their_compiled_shapes():
+    """Every WIDE_HEAD_SHAPES key on an A100 / H100: the launch chooses exactly the tiles that the
+    compile sweep measured spill-free (stages not shrunk, no 32×32 fallback); head dim 256 in TF32
+    has its attention entries on both architectures."""
+    require_backend("triton", torch.float32)
+    kernels = triton_backend.kernels()
+    assert {("attention", 80, 256, "tf32"), ("attention", 90, 256, "tf32")} <= set(kernels.WIDE_HEAD_SHAPES)
+    for (kind, arch, d_pad, dot), wide in kernels.WIDE_HEAD_SHAPES.items():
+        got = kernels.choose_configs(kind, arch=arch, max_shared_mem=kernels.ARCH_SHARED_MEMORY[arch],
+                                     elem_bytes=2 if dot == "16bit" else 4, precision="ieee" if dot == "16bit" else dot,
+                                     d_pad=d_pad, dv_pad=d_pad if kind == "attention" else 0, pinned_only=False)
+        assert got == wide, (kind, arch, d_pad, dot, got)
 
 
 def test_spilling_candidates_are_never_chosen(monkeypatch):

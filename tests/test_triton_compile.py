@@ -57,7 +57,11 @@ def test_ci_plan_covers_the_spec_head_dims_on_both_archs():
     from asag_kernels._spec import SPEC_HEAD_DIMS
 
     jobs = sweep.plan(sweep.parse_args(["--ci"]))
-    assert {(j["arch"], j["dim"]) for j in jobs} == {(a, d) for a in (80, 90) for d in SPEC_HEAD_DIMS}
+    assert {(j["arch"], j["dim"]) for j in jobs if j["mode"] == "bf16"} == {(a, d) for a in (80, 90) for d in SPEC_HEAD_DIMS}
+    # Head dim 256 in TF32: the pinned configuration of the potential pass and of biased_attention.
+    wide = [j for j in jobs if j["mode"] != "bf16"]
+    assert sorted((j["arch"], j["mode"], j["dim"], j["variant"], j["pinned"]) for j in wide) == \
+        [(a, "tf32", 256, v, True) for a in (80, 90) for v in ("biased_attention", "potential_bias")]
     assert all(any(j["pinned"] and j["arch"] == a and j["dim"] == d and j["variant"] == v for j in jobs)
                for a in (80, 90) for d in SPEC_HEAD_DIMS for v in sweep.CI_VARIANTS)
     # At the widest SPEC head dim every candidate is compiled, not only the pinned one.

@@ -39,7 +39,8 @@ Tile starts are 64-bit, offsets inside a tile 32-bit.
 
 Configurations: ``choose_configs`` is the one place that decides which tiles a launch may use. On a
 GPU the candidates that ``benchmarks/triton_compile_sweep.py`` saw spill registers on the
-architecture at that head dim (``SPILLING``) are left out and the rest are fitted to the device's
+architecture at that head dim (``SPILLING``) are left out (where no generic tile can run spill-free,
+``WIDE_HEAD_SHAPES`` replaces the candidates: head dim 256 in TF32) and the rest are fitted to the device's
 shared memory (stages shrink first); below ``AUTOTUNE_MIN_SIZE`` rows or columns, or with
 ``ASAG_TRITON_AUTOTUNE=0``, only the pinned configuration runs (a ``PINNED`` entry, else the first
 candidate left), launched directly without the autotuner. Under ``TRITON_INTERPRET=1`` one small
@@ -82,6 +83,35 @@ ATTENTION_SHAPES = POTENTIAL_SHAPES[:6]
 FLOAT32_SHAPES = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)]
 # When no candidate fits the shared memory (very wide heads on a small device).
 FALLBACK_SHAPE = (32, 32, 4, 1)
+# Rows of 512 bytes or more (head dim 256 in TF32; also head dim 128 in TF32 and 256 in 16 bits
+# for the sm_80 attention pass, end of the table): these replace the generic candidates at their
+# (kind, arch, D_PAD, dot class) key, the first one pinned. At D = 256 in TF32 the generic attention
+# tiles do not fit the shared-memory budget beside the value tile (the 32×32 fallback ran and
+# spilled 2,272 B on sm_80, 2,208 B on sm_90) and the one potential tile that fits on sm_80
+# (64×64) spilled 7,528 B. On sm_80 (mma.sync) a warp holds its 16 rows of the resident row tile
+# in registers: 16 × 256 float32 is 128 of its 255, so what is left must carry the key/value
+# operands and the accumulator. Hence narrow key tiles (16 or 32 columns), few rows per warp in
+# the attention pass (16-row tiles; the accumulator's columns spread over the warps) and 2-3
+# stages (the same tiles with fewer stages spill: 16×32 with 4 warps 512 B at one stage, 184 B at
+# two; 16×16 40 B at two, none at three; the potential pass's 128×16 with 8 warps 112 B at one
+# stage, and two stages do not fit the budget, hence 64×32). On sm_90 the attention pass runs
+# 128×16 with 8 warps on wgmma (two warpgroups of 64 rows, operands from shared memory), so K/V
+# are read once per 128 query rows; its potential pass keeps the generic tiles (no spill there).
+# Every shape here compiled with no spill for every pass (benchmarks/triton_compile_sweep.py,
+# compile-only, Triton 3.9; docs/PERF.md), at 204-255 registers a thread and 81-144 KiB of shared
+# memory a block: low occupancy (one or two blocks an SM), which the cp.async pipelining (sm_80)
+# and the 128-row reuse of each K/V tile (sm_90) are there to offset. Two candidates each, so that
+# the autotuner, not this table, picks the faster on a real GPU (no GPU has timed them).
+WIDE_HEAD_SHAPES: dict[tuple[str, int, int, str], list[tuple[int, int, int, int]]] = {
+    ("potential", 80, 256, "tf32"): [(64, 32, 8, 2), (64, 16, 4, 3)],
+    ("attention", 80, 256, "tf32"): [(16, 32, 8, 2), (16, 16, 4, 3)],
+    ("attention", 90, 256, "tf32"): [(128, 16, 8, 1), (16, 16, 4, 3)],
+    # Every generic tile spilled here (TF32 D = 128: 184 B at best, 128×64 with 8 warps; 16-bit
+    # D = 256: 7,992 B at best); 32-row tiles with 3 stages do not (242-255 registers; 16-bit
+    # D = 256 also 16×32 with 8 warps, 167-172 registers, measured for bfloat16 and float16).
+    ("attention", 80, 128, "tf32"): [(32, 32, 8, 3), (32, 32, 4, 3)],
+    ("attention", 80, 256, "16bit"): [(32, 32, 8, 3), (16, 32, 8, 2)],
+}
 # The interpreter is slow per tile and cannot autotune: one small configuration.
 INTERPRETER_SHAPE = (64, 64, 4, 1)
 
@@ -97,17 +127,16 @@ SPILLING: dict[tuple[str, int, int, str], set[tuple[int, int, int]]] = {
     ("attention", 80, 128, "16bit"): {(128, 64, 4), (128, 128, 8), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
     ("attention", 90, 128, "16bit"): {(128, 64, 4), (64, 128, 4)},
     ("potential", 80, 64, "16bit"): {(128, 128, 4)},
-    ("attention", 80, 64, "16bit"): {(64, 128, 4)},
+    # 128×64 with 4 warps: 8-32 B in the attention variants (the whole sweep, 2026-12-07).
+    ("attention", 80, 64, "16bit"): {(64, 128, 4), (128, 64, 4)},
     ("potential", 80, 128, "tf32"): {(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 128, 4)},
-    # Open: TF32 attention at D = 128 on sm_80 spills in every configuration tried (the float32 q
-    # tile and accumulator); the one kept spills least (184 B; 64×64 and 64×32 tiles spill more).
-    ("attention", 80, 128, "tf32"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (128, 128, 8), (64, 128, 4)},
+    # TF32 at head dims 40 and 64 (the --modes tf32 sweep, 2026-12-07: 16-432 B).
+    ("potential", 80, 64, "tf32"): {(64, 128, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8), (256, 64, 8)},
+    ("attention", 80, 64, "tf32"): {(64, 128, 4), (128, 64, 4), (128, 128, 8)},
+    ("attention", 90, 64, "tf32"): {(64, 128, 4), (128, 64, 4), (128, 128, 8)},
     ("potential", 90, 128, "tf32"): {(128, 128, 4)},
     ("attention", 90, 128, "tf32"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
     ("potential", 80, 256, "16bit"): {(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 128, 4)},
-    # Open: 16-bit attention at D = 256 on sm_80 spills in every candidate; the first is kept so
-    # that something launches.
-    ("attention", 80, 256, "16bit"): {(128, 64, 4), (128, 32, 4), (64, 64, 4)},
     ("potential", 90, 256, "16bit"): {(128, 128, 4)},
     ("attention", 90, 256, "16bit"): {(128, 64, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4)},
 }
@@ -161,8 +190,17 @@ def dot_class(elem_bytes: int, precision: str) -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
-def candidate_shapes(kind: str, elem_bytes: int, precision: str) -> list[tuple[int, int, int, int]]:
+def config_key(kind: str, arch: int, d_pad: int, elem_bytes: int, precision: str) -> tuple[str, int, int, str]:
+    """The (kind, arch column, D_PAD, dot class) key of ``PINNED``, ``SPILLING`` and ``WIDE_HEAD_SHAPES``."""
+    return (kind, pinned_arch(arch), d_pad, dot_class(elem_bytes, precision))
+
+
+def candidate_shapes(kind: str, elem_bytes: int, precision: str, *, arch: int,
+                     d_pad: int) -> list[tuple[int, int, int, int]]:
     """Autotuning candidates of ``kind`` ("potential" or "attention") before the memory fit."""
+    wide = WIDE_HEAD_SHAPES.get(config_key(kind, arch, d_pad, elem_bytes, precision))
+    if wide is not None:
+        return list(wide)
     if elem_bytes == 4 and precision == "ieee":
         return list(FLOAT32_SHAPES)
     return list(POTENTIAL_SHAPES if kind == "potential" else ATTENTION_SHAPES)
@@ -177,8 +215,9 @@ def choose_configs(kind: str, *, arch: int, max_shared_mem: int, elem_bytes: int
     are dropped); ``pinned_only`` keeps just the first.
     """
     budget = shared_memory_budget(max_shared_mem)
-    key = (kind, pinned_arch(arch), d_pad, dot_class(elem_bytes, precision))
-    candidates = [s for s in candidate_shapes(kind, elem_bytes, precision) if s[:3] not in SPILLING.get(key, ())]
+    key = config_key(kind, arch, d_pad, elem_bytes, precision)
+    candidates = [s for s in candidate_shapes(kind, elem_bytes, precision, arch=arch, d_pad=d_pad)
+                  if s[:3] not in SPILLING.get(key, ())]
     pinned = PINNED.get(key, candidates[0] if candidates else FALLBACK_SHAPE)
     kept = []
     for shape in [pinned, *candidates]:
