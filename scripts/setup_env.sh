@@ -20,7 +20,7 @@ if [ "$(cat .venv/.asag_build_stamp 2>/dev/null)" != "$stamp" ] || [ "${ASAG_REI
    || ! python -c "import asag_kernels._C_cpu" 2>/dev/null; then
   # No build isolation: the extension must build against the torch installed above, and an isolated
   # build environment would fetch another (multi-gigabyte CUDA) torch.
-  MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation -e ".[test,triton,diffusers,bench]"
+  MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation -e ".[test,triton,diffusers,bench,quality]"
   echo "$stamp" > .venv/.asag_build_stamp
 fi
 python -c "import asag_kernels as a; print('asag_kernels', a.__version__, a.backend_status())"
