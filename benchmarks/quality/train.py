@@ -26,8 +26,11 @@ EMA_DECAY = 0.995
 SEED = 1234
 
 
-def train(name: str, steps: int, batch: int, lr: float, seed: int = SEED, log_every: int = 50):
-    """Returns ``(ema_model, losses)``: ``losses`` the mean training loss of each ``log_every`` steps."""
+def train(name: str, steps: int, batch: int, lr: float, seed: int = SEED, log_every: int = 50,
+          stop_after: int | None = None):
+    """Returns ``(ema_model, losses)``: ``losses`` the mean training loss of each ``log_every`` steps.
+    ``stop_after``: stop after that many steps of the ``steps``-step schedule (a reproducibility check of the
+    shipped run's first losses without paying for all of it)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x_train, y_train = data.split("train")
@@ -37,7 +40,7 @@ def train(name: str, steps: int, batch: int, lr: float, seed: int = SEED, log_ev
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     noise_sched = models.train_scheduler()
     losses, acc = [], 0.0
-    for step in range(1, steps + 1):
+    for step in range(1, (stop_after or steps) + 1):
         idx = torch.randint(0, len(y_train), (batch,), generator=g)
         x0 = data.augment(x_train[idx], g)
         y = torch.where(torch.rand(batch, generator=g) < CFG_DROPOUT, data.NULL_CLASS, y_train[idx])
