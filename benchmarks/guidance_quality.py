@@ -46,8 +46,9 @@ CFG_SCALES = (1.5, 3.0)
 PROBE_SCALE = 2.0  # where num_iters / epsilon / layers / unconditional are compared
 
 
-def plan(quick: bool, names=models.MODELS) -> list[tuple[str, str, Guidance]]:
-    """``(model, layers name, Guidance)`` per row."""
+def plan(quick: bool, names=models.MODELS, headline: bool = False) -> list[tuple[str, str, Guidance]]:
+    """``(model, layers name, Guidance)`` per row. ``headline``: none, CFG 1.5, PAG and ASAG at 1 and 2,
+    unconditional with and without ASAG 2 (the rows a slower model can afford)."""
     rows = []
     for m in names:
         add = lambda g, lay=DEFAULT_LAYERS: rows.append((m, lay, g))  # noqa: E731
@@ -58,6 +59,14 @@ def plan(quick: bool, names=models.MODELS) -> list[tuple[str, str, Guidance]]:
             add(Guidance("cfg", cfg_scale=3.0))
             add(Guidance("pag", PROBE_SCALE, layers=LAYERS[m][DEFAULT_LAYERS]))
             asag(PROBE_SCALE)
+            continue
+        if headline:
+            add(Guidance("cfg", cfg_scale=CFG_SCALES[0]))
+            for s in (1.0, PROBE_SCALE):
+                add(Guidance("pag", s, layers=LAYERS[m][DEFAULT_LAYERS]))
+                asag(s)
+            add(Guidance("none", conditional=False))
+            asag(PROBE_SCALE, cond=False)
             continue
         for w in CFG_SCALES:
             add(Guidance("cfg", cfg_scale=w))
@@ -114,7 +123,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=None, help="images per row per seed (default 100; quick 30)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 10)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine)")
+    ap.add_argument("--headline", action="store_true", help="8 rows per model (see plan()) instead of 20")
     ap.add_argument("--models", default=",".join(models.MODELS), help="comma-separated subset of dit,unet")
     ap.add_argument("--grids", help="folder for sample-grid PNGs (one per model: none, cfg, pag, asag rows)")
     a = ap.parse_args(argv)
@@ -133,7 +143,7 @@ def main(argv=None):
     names = tuple(a.models.split(","))
     if not names or any(m not in models.MODELS for m in names):
         raise ValueError(f"--models must be a comma-separated subset of {models.MODELS}, got {a.models!r}")
-    rows_plan = plan(a.quick, names)
+    rows_plan = plan(a.quick, names, a.headline)
     nets = {m: models.load(m) for m in names}
     bar = tqdm(total=(len(rows_plan) * a.seeds + 1) * steps, desc="sampling", file=sys.stderr)
     torch.manual_seed(0)
