@@ -33,6 +33,11 @@ fi
 [ "$rc" -eq 0 ] || exit "$rc"
 [ "${ASAG_TEST_MAIN_ONLY:-0}" = 1 ] && exit 0
 
+step "guidance-quality lab, quick run (benchmarks/guidance_quality.py --quick; checks its JSON schema)"
+quality_json="$(mktemp)"
+python benchmarks/guidance_quality.py --quick --json "$quality_json"
+rm -f "$quality_json"
+
 step "Triton kernels under Triton 3.6's interpreter (.venv-triton36)"
 bash scripts/test_triton36.sh
 step "wheel built and smoke-tested against the newest installable torch (.venv-latest)"
