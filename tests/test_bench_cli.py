@@ -18,7 +18,7 @@ import torch
 import asag_kernels
 from asag_kernels import sinkhorn_attention
 from asag_kernels._spec import out_tolerance
-from asag_kernels.benchmarking import cli, core
+from asag_kernels.benchmarking import cli, core, measure, report
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_TOP = {"device": str, "torch": str, "asag_kernels": str, "results": list}
@@ -263,23 +263,23 @@ def test_cpu_peak_memory_probe_sees_an_allocation_and_not_earlier_ones():
 
 def test_measure_row_in_process_reports_interleaved_sdpa_and_determinism():
     q, k, v = core.make_inputs((2, 50, 8), torch.float32, torch.device("cpu"))
-    row = cli.measure_row("torch", q, k, v, num_iters=2, warmup=1, repeat=3, heads=[0, 1])
-    assert len(row["times_ms"]) == 3 and len(row["sdpa_times_ms"]) == 3
-    assert all(t > 0 for t in row["times_ms"] + row["sdpa_times_ms"])
-    assert row["out_heads"].shape == (1, 2, 50, 8)
-    assert row["deterministic"] is True
+    row = measure.measure("torch", q, k, v, num_iters=2, warmup=1, repeat=3, heads=[0, 1])
+    assert len(row.times_ms) == 3 and len(row.sdpa_times_ms) == 3
+    assert all(t > 0 for t in row.times_ms + row.sdpa_times_ms)
+    assert row.out_heads.shape == (1, 2, 50, 8)
+    assert row.deterministic is True
     full = sinkhorn_attention(q, k, v, num_iters=2, backend="torch")
-    assert torch.equal(row["out_heads"], full[:, [0, 1]])
+    assert torch.equal(row.out_heads, full[:, [0, 1]])
 
 
 def test_format_table_marks_skips_errors_and_tolerance():
     base = dict(median_ms=1.0, vs_sdpa=2.0, peak_mem_mib=3.0, rel_err=1e-3, within_tolerance=False, deterministic=True)
     rows = [
-        cli.result_row("tiny-96", (3, 96, 16), "torch", torch.float32, 2, **base),
-        cli.result_row("tiny-96", (3, 96, 16), "naive", torch.float32, 2, skipped="too big"),
-        cli.result_row("tiny-96", (3, 96, 16), "cpu", torch.float32, 2, error="RuntimeError: boom"),
+        measure.new_row("tiny-96", (3, 96, 16), "torch", torch.float32, 2, **base),
+        measure.new_row("tiny-96", (3, 96, 16), "naive", torch.float32, 2, skipped="too big"),
+        measure.new_row("tiny-96", (3, 96, 16), "cpu", torch.float32, 2, error="RuntimeError: boom"),
     ]
-    table = cli.format_table(rows).splitlines()
+    table = report.format_table(rows).splitlines()
     assert "over SPEC" in table[2] and "skipped: too big" in table[3] and "ERROR RuntimeError: boom" in table[4]
     assert "3x96x16" in table[2] and " 5 " in table[2]  # passes = 2T + 1
 
