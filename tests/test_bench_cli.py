@@ -343,3 +343,112 @@ def test_cpu_scaling_script_runs_on_the_core(tmp_path, monkeypatch, capsys):
     assert cpu_row["rel_err"] <= out_tolerance(torch.float32)
     out = capsys.readouterr().out
     assert "### Speed at num_iters=2" in out and "| tiny-96 (H=3, N=96, D=16) |" in out and "| 64 | ~100% |" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# The row type, the verdict, the progress bar
+
+
+def _goal_rows(vs_sdpa=1.14, peak=290.0, naive_ms=5000.0):
+    from asag_kernels._spec import SHAPES
+
+    shape = SHAPES["sdxl-64"]
+    make = measure.new_row
+    return [
+        make("sdxl-64", shape, "sdpa", torch.float32, 0, median_ms=400.0, vs_sdpa=1.0, peak_mem_mib=14.0,
+             rel_err=4e-7, within_tolerance=True, deterministic=True),
+        make("sdxl-64", shape, "naive", torch.float32, 2, median_ms=naive_ms, vs_sdpa=naive_ms / 400, peak_mem_mib=1900.0,
+             rel_err=6e-7, within_tolerance=True, deterministic=True),
+        make("sdxl-64", shape, "cpu", torch.float32, 2, median_ms=400.0 * vs_sdpa, vs_sdpa=vs_sdpa, peak_mem_mib=peak,
+             rel_err=5e-7, within_tolerance=True, deterministic=True),
+    ]
+
+
+def _lines(rows, device_type="cpu"):
+    from asag_kernels.benchmarking import goals
+
+    return {v.goal + ("" if v.required else " stretch"): v for v in goals.verdict(rows, device_type)}
+
+
+def test_verdict_pass_fail_and_not_measured_from_rows():
+    from asag_kernels.benchmarking import goals
+
+    got = _lines(_goal_rows())
+    assert got["cpu sdxl-64 T=2 vs SDPA"].status == goals.PASS
+    assert got["cpu sdxl-64 T=2 vs SDPA"].line() == "PASS  cpu sdxl-64 T=2 vs SDPA: 1.14x SDPA (goal <= 1.5x)"
+    assert got["cpu sdxl-64 T=2 vs SDPA stretch"].status == goals.PASS
+    assert got["cpu sdxl-64 T=2 vs naive"].status == goals.PASS and "11.0x" in got["cpu sdxl-64 T=2 vs naive"].detail
+    assert got["cpu sdxl-64 T=2 extra peak"].status == goals.PASS and "290 MiB" in got["cpu sdxl-64 T=2 extra peak"].detail
+    assert got["SPEC §4 accuracy, every row"].status == goals.PASS
+    # On a CPU machine no GPU goal is ever PASS.
+    gpu = [v for k, v in got.items() if k.startswith(("triton", "cuda"))]
+    assert gpu and all(v.status == goals.NOT_MEASURED and "no GPU" in v.detail for v in gpu)
+
+    got = _lines(_goal_rows(vs_sdpa=1.3, peak=310.0, naive_ms=2000.0))
+    assert got["cpu sdxl-64 T=2 vs SDPA"].status == goals.PASS
+    assert got["cpu sdxl-64 T=2 vs SDPA stretch"].status == goals.FAIL
+    assert got["cpu sdxl-64 T=2 vs naive"].status == goals.FAIL
+    assert got["cpu sdxl-64 T=2 extra peak"].line() == "FAIL  cpu sdxl-64 T=2 extra peak: 310 MiB (goal <= 300 MiB)"
+    assert _lines(_goal_rows(vs_sdpa=1.6))["cpu sdxl-64 T=2 vs SDPA"].status == goals.FAIL
+
+    wrong = _goal_rows()
+    wrong[2].within_tolerance, wrong[2].rel_err = False, 1e-3
+    assert _lines(wrong)["SPEC §4 accuracy, every row"].status == goals.FAIL
+    # No row for a goal: not measured, never PASS; a skipped row is no measurement.
+    skipped = [measure.new_row("sdxl-64", (10, 4096, 64), "cpu", torch.float32, 2, skipped="over budget")]
+    for v in goals.verdict(skipped, "cpu"):
+        assert v.status == goals.NOT_MEASURED, v.line()
+    # On a GPU the CPU goals are not measured.
+    on_gpu = _lines(_goal_rows(), "cuda")
+    assert on_gpu["cpu sdxl-64 T=2 vs SDPA"].status == goals.NOT_MEASURED
+    assert on_gpu["triton sdxl-64 T=2 vs SDPA"].status == goals.NOT_MEASURED  # no triton row in this list
+
+
+def test_bench_row_round_trips_through_json():
+    row = _goal_rows()[2]
+    row.times_ms, row.rel_err_heads, row.out_heads = [460.1, 455.9], [0, 9], torch.zeros(1)
+    data = json.loads(json.dumps(row.to_dict()))
+    assert "out_heads" not in data
+    back = measure.BenchRow.from_dict(data)
+    assert back == row and back.out_heads is None and back.passes == 5
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written."""
+
+    def __init__(self):
+        self.text = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_is_off_when_stderr_is_not_a_terminal():
+    import io
+
+    assert cli.progress_wanted(False, io.StringIO()) is False
+    assert cli.progress_wanted(False, _Terminal()) is True
+    assert cli.progress_wanted(True, _Terminal()) is False
+
+
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_progress_per_shape_and_no_progress(no_progress, monkeypatch, capsys):
+    """On a terminal each shape shows its rows (here without tqdm: one line per row); --no-progress: nothing."""
+    terminal = _Terminal()
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm absent: the fallback, not an ImportError
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["--quick", "--shapes", "tiny-96,2x48x8", "--backends", "torch", "--repeat", "1", "--isolation", "none"]
+    assert cli.main(argv + (["--no-progress"] if no_progress else [])) == 0
+    written = "".join(terminal.text)
+    if no_progress:
+        assert written == ""
+    else:
+        assert "[tiny-96 1/2] sdpa T=0" in written and "[2x48x8 2/2] torch T=2" in written
+    assert "SPEC goals on this machine:" in capsys.readouterr().out

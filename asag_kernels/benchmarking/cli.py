@@ -27,6 +27,7 @@ timed, output paths included.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import torch
 from .. import __version__, backends
 from .._spec import ALL_SHAPES, CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, SHAPES, out_tolerance
 from . import core
+from .goals import format_verdict, verdict
 from .measure import BenchRow, error_against, measure, new_row
 from .report import format_header, format_table, report_provenance, write_csv, write_plot
 
@@ -175,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", type=_output_path, metavar="PATH", help="write the results as CSV")
     parser.add_argument("--plot", type=_output_path, metavar="PATH",
                         help="write a PNG of time against N per backend (needs matplotlib)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-progress", action="store_true", help=(
+        "no progress bar on stderr (also off when stderr is not a terminal)"))
     parser.add_argument("--_row", help=argparse.SUPPRESS)
     return parser
 
@@ -297,26 +300,38 @@ def measure_in_subprocess(backend, inputs_path, *, name, num_iters, warmup, repe
 # The run
 
 
-class Progress:
-    """tqdm on stderr when installed, else one line per step."""
+def progress_wanted(no_progress: bool, stream=None) -> bool:
+    """A progress bar only for a person watching: not with --no-progress, not when stderr is a file or pipe."""
+    stream = sys.stderr if stream is None else stream
+    return not no_progress and bool(getattr(stream, "isatty", lambda: False)())
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.done, self.bar = total, enabled, 0, None
+
+class Progress:
+    """One progress bar per shape on stderr: tqdm when installed (the bench extra), else one line per row."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.tqdm = enabled, None, None
+        self.label, self.done, self.total = "", 0, 0
         if enabled:
             try:
                 from tqdm import tqdm
             except ImportError:
                 tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, file=sys.stderr, unit="row", dynamic_ncols=True)
+            self.tqdm = tqdm
+
+    def shape(self, name: str, total: int) -> None:
+        self.close()
+        self.label, self.done, self.total = name, 0, total
+        if self.enabled and self.tqdm is not None:
+            self.bar = self.tqdm(total=total, desc=name, file=sys.stderr, unit="row", dynamic_ncols=True)
 
     def start(self, label: str) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_description(label)
+            self.bar.set_postfix_str(label)
         else:
-            print(f"[{self.done + 1}/{self.total}] {label} ...", file=sys.stderr, flush=True)
+            print(f"[{self.label} {self.done + 1}/{self.total}] {label} ...", file=sys.stderr, flush=True)
 
     def advance(self) -> None:
         self.done += 1
@@ -326,11 +341,12 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def run_benchmark(cfg: Config, progress_enabled: bool) -> list[BenchRow]:
     plans = [[(b, t) for b in cfg.backends for t in ([0] if b == "sdpa" else cfg.iters)] for _ in cfg.shapes]
-    progress = Progress(sum(len(p) for p in plans), progress_enabled)
+    progress = Progress(progress_enabled)
     results: list[BenchRow] = []
     tolerance = out_tolerance(cfg.dtype)
     with tempfile.TemporaryDirectory(prefix="asag-bench-") as tmp:
@@ -342,9 +358,10 @@ def run_benchmark(cfg: Config, progress_enabled: bool) -> list[BenchRow]:
             if cfg.isolate:
                 torch.save((q, k, v), inputs_path)
             slice_heads = core.error_heads(heads)
+            progress.shape(name, len(plan))
             oracles: dict[tuple[str, int], tuple[torch.Tensor, str]] = {}
             for backend, num_iters in plan:
-                progress.start(f"{name} {backend} T={num_iters}")
+                progress.start(f"{backend} T={num_iters}")
                 row_args = (name, shape, backend, cfg.dtype, num_iters)
                 need = core.materialised_bytes(heads, tokens, tokens, cfg.dtype)
                 if backend == "naive" and need > cfg.mem_budget:
@@ -404,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(format_header(report), flush=True)
     wall = time.perf_counter()
-    rows = run_benchmark(cfg, progress_enabled=not args.no_progress)
+    rows = run_benchmark(cfg, progress_enabled=progress_wanted(args.no_progress))
     report["results"] = [row.to_dict() for row in rows]
     report["provenance"]["wall_s"] = round(time.perf_counter() - wall, 1)
 
@@ -412,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(f"\nrel err: on heads {{0, H-1}} against the float64 oracle (sdpa: float64 softmax attention); "
           f"passes: over the Nq x Nk logits. Wall time {report['provenance']['wall_s']} s.")
+    verdicts = verdict(rows, cfg.device.type)
+    report["verdict"] = [dataclasses.asdict(v) for v in verdicts]
+    print()
+    print(format_verdict(verdicts), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
