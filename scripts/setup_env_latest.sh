@@ -26,9 +26,13 @@ if [ ! -f "$COMFYUI_DIR/requirements.txt" ]; then
   exit 1
 fi
 COMFYUI_DIR="$(cd "$COMFYUI_DIR" && pwd)"
+# shellcheck source=scripts/steps.sh
+. scripts/steps.sh
 
 if [ ! -x "$LATEST_VENV/bin/python" ]; then
+  asag_step "creating the virtual environment ./.venv-latest"
   "${PYTHON:-python3}" -m venv "$LATEST_VENV"
+  asag_step_done
 fi
 # shellcheck disable=SC1091
 . "$LATEST_VENV/bin/activate"
@@ -43,10 +47,14 @@ grep -v -i -E '^[[:space:]]*(comfyui-frontend-package|comfyui-workflow-templates
   "$COMFYUI_DIR/requirements.txt" > "$reqs"
 deps_stamp=$( { echo "$TORCH_SPEC $TORCHVISION_SPEC"; cat "$reqs"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$LATEST_VENV/.asag_deps_stamp" 2>/dev/null)" != "$deps_stamp" ]; then
+  asag_step "installing $TORCH_SPEC, $TORCHVISION_SPEC and ComfyUI's dependencies into ./.venv-latest (pip, quiet)"
   _asag_latest_pip "setuptools>=77" ninja pytest "$TORCH_SPEC" "$TORCHVISION_SPEC" -r "$reqs"
   # The newest torchaudio on the index is pinned to an older torch; ComfyUI only needs it to import.
   _asag_latest_pip --no-deps torchaudio
+  asag_step_done
   echo "$deps_stamp" > "$LATEST_VENV/.asag_deps_stamp"
+else
+  printf '==> ./.venv-latest dependencies up to date: not reinstalled\n'
 fi
 
 # This checkout's build inputs and Python sources: tracked files plus untracked ones git does not ignore.
@@ -64,6 +72,7 @@ if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || 
   # A persistent staging copy: files whose content did not change keep their time stamps, so the
   # extension's ninja build in $stage/build can reuse objects (seen for the torch-free row kernels;
   # the translation units that include torch/extension.h were recompiled on every reinstall).
+  asag_step "building the asag_kernels wheel (C++ extension) against $TORCH_SPEC and installing it"
   stage="$LATEST_VENV/.asag-build-src"
   mkdir -p "$stage"
   for f in "${pkg_files[@]}"; do
@@ -79,6 +88,9 @@ if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || 
   (cd "$stage" && ASAG_SKIP_CUDA_BUILD="${ASAG_SKIP_CUDA_BUILD-1}" MAX_JOBS="${MAX_JOBS:-2}" \
      python -m pip wheel -q --no-build-isolation --no-deps -w "$LATEST_VENV/dist" .)
   _asag_latest_pip --no-deps --force-reinstall "$LATEST_VENV"/dist/*.whl
+  asag_step_done
   echo "$pkg_stamp" > "$LATEST_VENV/.asag_build_stamp"
+else
+  printf '==> ./.venv-latest asag_kernels up to date: no rebuild\n'
 fi
 (cd / && python -c "import torch, asag_kernels as a; print('.venv-latest: torch', torch.__version__, '| asag_kernels', a.__version__, 'from', a.__file__, a.backend_status())")
