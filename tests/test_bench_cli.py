@@ -452,3 +452,19 @@ def test_progress_per_shape_and_no_progress(no_progress, monkeypatch, capsys):
     else:
         assert "[tiny-96 1/2] sdpa T=0" in written and "[2x48x8 2/2] torch T=2" in written
     assert "SPEC goals on this machine:" in capsys.readouterr().out
+
+
+def test_tqdm_bar_per_shape_on_a_terminal_without_a_size(monkeypatch):
+    """With tqdm (the bench extra) each shape gets its own bar, also on a terminal reporting no size."""
+    pytest.importorskip("tqdm", reason="tqdm is in the bench extra")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = cli.Progress(True)
+    for name in ("tiny-96", "2x48x8"):
+        progress.shape(name, 2)
+        for label in ("sdpa T=0", "torch T=2"):
+            progress.start(label)
+            progress.advance()
+    progress.close()
+    written = "".join(terminal.text)
+    assert "tiny-96: 100%" in written and "2x48x8: 100%" in written and "2/2" in written and "torch T=2" in written

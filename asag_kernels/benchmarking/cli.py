@@ -323,7 +323,13 @@ class Progress:
         self.close()
         self.label, self.done, self.total = name, 0, total
         if self.enabled and self.tqdm is not None:
-            self.bar = self.tqdm(total=total, desc=name, file=sys.stderr, unit="row", dynamic_ncols=True)
+            # A terminal that reports no size (a pty without one) would get no bar from tqdm: 100x40 then.
+            try:
+                sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except (OSError, ValueError, AttributeError):
+                sized = False
+            self.bar = self.tqdm(total=total, desc=name, file=sys.stderr, unit="row", dynamic_ncols=sized,
+                                 ncols=None if sized else 100, nrows=None if sized else 40)
 
     def start(self, label: str) -> None:
         if not self.enabled:
