@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup_env.sh
-asag_step "running asag-bench $* (a progress bar per shape on stderr; the table and the verdict follow)"
+asag_step "running asag-bench${*:+ $*} (a progress bar per shape on stderr; the table and the verdict follow)"
 asag-bench "$@"
 asag_step_done
