@@ -47,3 +47,17 @@ def out_tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
 def potential_tolerance(dtype: torch.dtype) -> float:
     """SPEC §4 bound on max |f - f_ref|, |g - g_ref| for inputs of `dtype`."""
     return TOLERANCES[dtype][1]
+
+# Benchmark goals (docs/PERF.md; issues 3-5), checked by asag-bench's verdict and benchmarks/gpu_check.py.
+# CPU, float32, at CPU_GOAL_SHAPE and num_iters=GOAL_ITERS, the cpu backend:
+GOAL_ITERS = 2
+CPU_GOAL_SHAPE = "sdxl-64"
+CPU_MAX_VS_SDPA = 1.5  # time / SDPA's time in the same process
+CPU_STRETCH_VS_SDPA = 1.2  # reported, not required
+CPU_MIN_VS_NAIVE = 8.0  # materialising time / cpu time
+CPU_MAX_EXTRA_PEAK_MIB = 300.0  # peak over the inputs, output included
+# GPU, bfloat16, at every GPU_GOAL_SHAPES and measured num_iters: triton <= GPU_MAX_BUDGET * (2T+1) x SDPA
+# (flash), stretch GPU_STRETCH_BUDGET (reported, not required); cuda at least as fast as triton.
+GPU_GOAL_SHAPES: tuple[str, ...] = ("sdxl-64", "flux-1k")
+GPU_MAX_BUDGET = 1.0
+GPU_STRETCH_BUDGET = 0.75

@@ -42,7 +42,7 @@ def run_rows(shapes: list[tuple[str, tuple[int, int, int]]], backends: list[str]
         skipped_backends={}, repeat=repeat, warmup=1, mem_budget=core.free_memory_bytes("cpu") // 2, isolate=True,
         oracle=oracle,
     )
-    rows = cli.run_benchmark(cfg, progress_enabled=False)
+    rows = [row.to_dict() for row in cli.run_benchmark(cfg, progress_enabled=False)]
     failed = [f"{r['shape']} {r['backend']}: {r['error']}" for r in rows if r.get("error")]
     if failed:
         raise SystemExit("rows failed:\n" + "\n".join(failed))

@@ -1,5 +1,6 @@
-"""Time every (shape, backend) row of asag-bench with pytest-benchmark; the errors it records use
-the same float64 oracle on heads {0, H-1} as the CLI."""
+"""Time every (shape, backend) row of asag-bench with pytest-benchmark (its own timer: the point of
+this suite); the row it records is the benchmarks' one row type (``BenchRow``), its error from the same
+float64 oracle on heads {0, H-1} as the CLI."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from asag_kernels._spec import out_tolerance
 from asag_kernels.benchmarking import core
+from asag_kernels.benchmarking.measure import error_against, new_row
 
 
 def test_attention_call(benchmark, bench_case, bench_config, bench_inputs, request):
@@ -32,15 +34,10 @@ def test_attention_call(benchmark, bench_case, bench_config, bench_inputs, reque
     )
     assert out.shape == v.shape and out.dtype == cfg.dtype
     slice_heads = core.error_heads(heads)
-    ref, oracle = core.oracle_output(
-        q, k, v, backend=backend, num_iters=num_iters, heads=slice_heads, mem_budget=cfg.mem_budget
-    )
-    rel_err = core.relative_error(out[:, slice_heads], ref)
-    benchmark.extra_info.update({
-        "shape": name, "backend": backend, "dtype": str(cfg.dtype).replace("torch.", ""),
-        "num_iters": num_iters, "passes": core.logit_passes(backend, num_iters),
-        "rel_err": rel_err, "rel_err_oracle": oracle,
-    })
+    row = new_row(name, shape, backend, cfg.dtype, num_iters, out_heads=out[:, slice_heads])
+    error_against(row, core.oracle_output(q, k, v, backend=backend, num_iters=num_iters, heads=slice_heads,
+                                          mem_budget=cfg.mem_budget), slice_heads, out_tolerance(cfg.dtype))
+    benchmark.extra_info.update({key: value for key, value in row.to_dict().items() if value is not None})
     # Naive computes in the input dtype and may exceed SPEC §4 in half precision; the kernels may not.
     if backend != "naive":
-        assert rel_err <= out_tolerance(cfg.dtype), f"{name} {backend}: rel_err {rel_err:.2e}"
+        assert row.within_tolerance, f"{name} {backend}: rel_err {row.rel_err:.2e}"

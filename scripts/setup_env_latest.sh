@@ -26,12 +26,13 @@ if [ ! -f "$COMFYUI_DIR/requirements.txt" ]; then
   exit 1
 fi
 COMFYUI_DIR="$(cd "$COMFYUI_DIR" && pwd)"
-# shellcheck source=scripts/_steps.sh
-. scripts/_steps.sh
+# shellcheck source=scripts/steps.sh
+. scripts/steps.sh
 
 if [ ! -x "$LATEST_VENV/bin/python" ]; then
-  step "creating the virtual environment ./.venv-latest"
+  asag_step "creating the virtual environment ./.venv-latest"
   "${PYTHON:-python3}" -m venv "$LATEST_VENV"
+  asag_step_done
 fi
 # shellcheck disable=SC1091
 . "$LATEST_VENV/bin/activate"
@@ -46,12 +47,15 @@ grep -v -i -E '^[[:space:]]*(comfyui-frontend-package|comfyui-workflow-templates
   "$COMFYUI_DIR/requirements.txt" > "$reqs"
 deps_stamp=$( { echo "$TORCH_SPEC $TORCHVISION_SPEC comfy-cli"; cat "$reqs"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$LATEST_VENV/.asag_deps_stamp" 2>/dev/null)" != "$deps_stamp" ]; then
-  step "installing $TORCH_SPEC, $TORCHVISION_SPEC and ComfyUI's requirements into ./.venv-latest (minutes the first time)"
+  asag_step "installing $TORCH_SPEC, $TORCHVISION_SPEC and ComfyUI's dependencies into ./.venv-latest (pip, quiet)"
   # comfy-cli: its registry-metadata parser checks comfyui_asag/pyproject.toml (tests_comfyui).
   _asag_latest_pip "setuptools>=77" ninja pytest comfy-cli "$TORCH_SPEC" "$TORCHVISION_SPEC" -r "$reqs"
   # The newest torchaudio on the index is pinned to an older torch; ComfyUI only needs it to import.
   _asag_latest_pip --no-deps torchaudio
+  asag_step_done
   echo "$deps_stamp" > "$LATEST_VENV/.asag_deps_stamp"
+else
+  printf '==> ./.venv-latest dependencies up to date: not reinstalled\n'
 fi
 
 # This checkout's build inputs and Python sources: tracked files plus untracked ones git does not ignore.
@@ -66,10 +70,10 @@ pkg_stamp=$( { python -c "import torch; print(torch.__version__)"; echo "${ASAG_
   printf '%s\n' "${pkg_files[@]}"; cat "${pkg_files[@]}"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || [ "${ASAG_REINSTALL:-0}" = 1 ] \
    || ! (cd / && python -c "import asag_kernels._C_cpu") 2>/dev/null; then
-  step "building an asag_kernels wheel against $TORCH_SPEC and installing it into ./.venv-latest"
   # A persistent staging copy: files whose content did not change keep their time stamps, so the
   # extension's ninja build in $stage/build can reuse objects (seen for the torch-free row kernels;
   # the translation units that include torch/extension.h were recompiled on every reinstall).
+  asag_step "building the asag_kernels wheel (C++ extension) against $TORCH_SPEC and installing it"
   stage="$LATEST_VENV/.asag-build-src"
   mkdir -p "$stage"
   for f in "${pkg_files[@]}"; do
@@ -85,8 +89,9 @@ if [ "$(cat "$LATEST_VENV/.asag_build_stamp" 2>/dev/null)" != "$pkg_stamp" ] || 
   (cd "$stage" && ASAG_SKIP_CUDA_BUILD="${ASAG_SKIP_CUDA_BUILD-1}" MAX_JOBS="${MAX_JOBS:-2}" \
      python -m pip wheel -q --no-build-isolation --no-deps -w "$LATEST_VENV/dist" .)
   _asag_latest_pip --no-deps --force-reinstall "$LATEST_VENV"/dist/*.whl
+  asag_step_done
   echo "$pkg_stamp" > "$LATEST_VENV/.asag_build_stamp"
+else
+  printf '==> ./.venv-latest asag_kernels up to date: no rebuild\n'
 fi
-step "checking the installed package in ./.venv-latest"
 (cd / && python -c "import torch, asag_kernels as a; print('.venv-latest: torch', torch.__version__, '| asag_kernels', a.__version__, 'from', a.__file__, a.backend_status())")
-step_done

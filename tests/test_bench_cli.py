@@ -18,7 +18,7 @@ import torch
 import asag_kernels
 from asag_kernels import sinkhorn_attention
 from asag_kernels._spec import out_tolerance
-from asag_kernels.benchmarking import cli, core
+from asag_kernels.benchmarking import cli, core, measure, report
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_TOP = {"device": str, "torch": str, "asag_kernels": str, "results": list}
@@ -265,23 +265,23 @@ def test_cpu_peak_memory_probe_sees_an_allocation_and_not_earlier_ones():
 
 def test_measure_row_in_process_reports_interleaved_sdpa_and_determinism():
     q, k, v = core.make_inputs((2, 50, 8), torch.float32, torch.device("cpu"))
-    row = cli.measure_row("torch", q, k, v, num_iters=2, warmup=1, repeat=3, heads=[0, 1])
-    assert len(row["times_ms"]) == 3 and len(row["sdpa_times_ms"]) == 3
-    assert all(t > 0 for t in row["times_ms"] + row["sdpa_times_ms"])
-    assert row["out_heads"].shape == (1, 2, 50, 8)
-    assert row["deterministic"] is True
+    row = measure.measure("torch", q, k, v, num_iters=2, warmup=1, repeat=3, heads=[0, 1])
+    assert len(row.times_ms) == 3 and len(row.sdpa_times_ms) == 3
+    assert all(t > 0 for t in row.times_ms + row.sdpa_times_ms)
+    assert row.out_heads.shape == (1, 2, 50, 8)
+    assert row.deterministic is True
     full = sinkhorn_attention(q, k, v, num_iters=2, backend="torch")
-    assert torch.equal(row["out_heads"], full[:, [0, 1]])
+    assert torch.equal(row.out_heads, full[:, [0, 1]])
 
 
 def test_format_table_marks_skips_errors_and_tolerance():
     base = dict(median_ms=1.0, vs_sdpa=2.0, peak_mem_mib=3.0, rel_err=1e-3, within_tolerance=False, deterministic=True)
     rows = [
-        cli.result_row("tiny-96", (3, 96, 16), "torch", torch.float32, 2, **base),
-        cli.result_row("tiny-96", (3, 96, 16), "naive", torch.float32, 2, skipped="too big"),
-        cli.result_row("tiny-96", (3, 96, 16), "cpu", torch.float32, 2, error="RuntimeError: boom"),
+        measure.new_row("tiny-96", (3, 96, 16), "torch", torch.float32, 2, **base),
+        measure.new_row("tiny-96", (3, 96, 16), "naive", torch.float32, 2, skipped="too big"),
+        measure.new_row("tiny-96", (3, 96, 16), "cpu", torch.float32, 2, error="RuntimeError: boom"),
     ]
-    table = cli.format_table(rows).splitlines()
+    table = report.format_table(rows).splitlines()
     assert "over SPEC" in table[2] and "skipped: too big" in table[3] and "ERROR RuntimeError: boom" in table[4]
     assert "3x96x16" in table[2] and " 5 " in table[2]  # passes = 2T + 1
 
@@ -347,46 +347,126 @@ def test_cpu_scaling_script_runs_on_the_core(tmp_path, monkeypatch, capsys):
     assert "### Speed at num_iters=2" in out and "| tiny-96 (H=3, N=96, D=16) |" in out and "| 64 | ~100% |" in out
 
 
-def _goal_row(**over):
-    row = dict(shape="sdxl-64", backend="cpu", dtype="float32", num_iters=2, median_ms=120.0, sdpa_median_ms=100.0,
-               vs_sdpa=1.2, peak_mem_mib=250.0, rel_err=1e-7, within_tolerance=True, deterministic=True)
-    row.update(over)
-    return row
+# ---------------------------------------------------------------------------------------------
+# The row type, the verdict, the progress bar
 
 
-def test_verdict_pass_fail_and_not_measured():
-    """asag-bench's verdict: each goal PASS/FAIL with the measured figure; GPU goals on a CPU and goals whose
-    row is missing are NOT MEASURED, never PASS."""
+def _goal_rows(vs_sdpa=1.14, peak=290.0, naive_ms=5000.0):
+    from asag_kernels._spec import SHAPES
+
+    shape = SHAPES["sdxl-64"]
+    make = measure.new_row
+    return [
+        make("sdxl-64", shape, "sdpa", torch.float32, 0, median_ms=400.0, vs_sdpa=1.0, peak_mem_mib=14.0,
+             rel_err=4e-7, within_tolerance=True, deterministic=True),
+        make("sdxl-64", shape, "naive", torch.float32, 2, median_ms=naive_ms, vs_sdpa=naive_ms / 400, peak_mem_mib=1900.0,
+             rel_err=6e-7, within_tolerance=True, deterministic=True),
+        make("sdxl-64", shape, "cpu", torch.float32, 2, median_ms=400.0 * vs_sdpa, vs_sdpa=vs_sdpa, peak_mem_mib=peak,
+             rel_err=5e-7, within_tolerance=True, deterministic=True),
+    ]
+
+
+def _lines(rows, device_type="cpu"):
     from asag_kernels.benchmarking import goals
 
-    def by_goal(rows, device="cpu", dtype="float32"):
-        return {v.goal: v for v in goals.verdicts(rows, device_type=device, dtype=dtype)}
-
-    ok = by_goal([_goal_row(), _goal_row(backend="sdpa", vs_sdpa=1.0, deterministic=None)])
-    speed = next(v for g, v in ok.items() if "SDPA" in g and g.startswith("cpu"))
-    peak = next(v for g, v in ok.items() if "extra peak" in g)
-    assert speed.status == "PASS" and "1.20x SDPA" in speed.detail
-    assert peak.status == "PASS" and "250.0 MiB" in peak.detail
-    assert all(v.status == "NOT MEASURED" for g, v in ok.items() if "triton" in g)
-    bad = by_goal([_goal_row(vs_sdpa=1.6, peak_mem_mib=310.0, within_tolerance=False, rel_err=1e-3, deterministic=False)])
-    assert {v.status for g, v in bad.items() if not g.startswith(("triton", "cuda"))} == {"FAIL"}
-    assert any("310.0 MiB" in v.detail for v in bad.values())
-    missing = by_goal([_goal_row(shape="sd15-64")])
-    assert all(v.status == "NOT MEASURED" for g, v in missing.items() if g.startswith("cpu"))
-    assert by_goal([_goal_row(error="boom", median_ms=None)])["SPEC §4 accuracy on every row"].status == "NOT MEASURED"
-    text = goals.format_verdicts(goals.verdicts([_goal_row()], device_type="cpu", dtype="float32"))
-    assert text.splitlines()[-1].strip().startswith("4 passed, 0 failed")
+    return {v.goal + ("" if v.required else " stretch"): v for v in goals.verdict(rows, device_type)}
 
 
-def test_quick_run_ends_with_the_verdict_and_progress_follows_the_flags():
-    """--quick prints the verdict lines and puts them in the JSON; progress goes to stderr (a line per row when
-    stderr is not a terminal) and --no-progress silences it."""
-    env = {**os.environ, "ASAG_REQUIRE_BACKENDS": ""}
-    cmd = [sys.executable, "-m", "asag_kernels.bench", "--quick", "--backends", "sdpa,torch"]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr
-    assert "verdict (the goals that apply on this machine):" in run.stdout
-    assert "PASS" in run.stdout and "NOT MEASURED" in run.stdout
-    assert "[1/" in run.stderr  # not a terminal: one line per row, no bar
-    quiet = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=env, timeout=600)
-    assert quiet.returncode == 0 and "[1/" not in quiet.stderr
+def test_verdict_pass_fail_and_not_measured_from_rows():
+    from asag_kernels.benchmarking import goals
+
+    got = _lines(_goal_rows())
+    assert got["cpu sdxl-64 T=2 vs SDPA"].status == goals.PASS
+    assert got["cpu sdxl-64 T=2 vs SDPA"].line() == "PASS  cpu sdxl-64 T=2 vs SDPA: 1.14x SDPA (goal <= 1.5x)"
+    assert got["cpu sdxl-64 T=2 vs SDPA stretch"].status == goals.PASS
+    assert got["cpu sdxl-64 T=2 vs naive"].status == goals.PASS and "11.0x" in got["cpu sdxl-64 T=2 vs naive"].detail
+    assert got["cpu sdxl-64 T=2 extra peak"].status == goals.PASS and "290 MiB" in got["cpu sdxl-64 T=2 extra peak"].detail
+    assert got["SPEC §4 accuracy, every row"].status == goals.PASS
+    # On a CPU machine no GPU goal is ever PASS.
+    gpu = [v for k, v in got.items() if k.startswith(("triton", "cuda"))]
+    assert gpu and all(v.status == goals.NOT_MEASURED and "no GPU" in v.detail for v in gpu)
+
+    got = _lines(_goal_rows(vs_sdpa=1.3, peak=310.0, naive_ms=2000.0))
+    assert got["cpu sdxl-64 T=2 vs SDPA"].status == goals.PASS
+    assert got["cpu sdxl-64 T=2 vs SDPA stretch"].status == goals.FAIL
+    assert got["cpu sdxl-64 T=2 vs naive"].status == goals.FAIL
+    assert got["cpu sdxl-64 T=2 extra peak"].line() == "FAIL  cpu sdxl-64 T=2 extra peak: 310 MiB (goal <= 300 MiB)"
+    assert _lines(_goal_rows(vs_sdpa=1.6))["cpu sdxl-64 T=2 vs SDPA"].status == goals.FAIL
+
+    wrong = _goal_rows()
+    wrong[2].within_tolerance, wrong[2].rel_err = False, 1e-3
+    assert _lines(wrong)["SPEC §4 accuracy, every row"].status == goals.FAIL
+    # No row for a goal: not measured, never PASS; a skipped row is no measurement.
+    skipped = [measure.new_row("sdxl-64", (10, 4096, 64), "cpu", torch.float32, 2, skipped="over budget")]
+    for v in goals.verdict(skipped, "cpu"):
+        assert v.status == goals.NOT_MEASURED, v.line()
+    # On a GPU the CPU goals are not measured.
+    on_gpu = _lines(_goal_rows(), "cuda")
+    assert on_gpu["cpu sdxl-64 T=2 vs SDPA"].status == goals.NOT_MEASURED
+    assert on_gpu["triton sdxl-64 T=2 vs SDPA"].status == goals.NOT_MEASURED  # no triton row in this list
+
+
+def test_bench_row_round_trips_through_json():
+    row = _goal_rows()[2]
+    row.times_ms, row.rel_err_heads, row.out_heads = [460.1, 455.9], [0, 9], torch.zeros(1)
+    data = json.loads(json.dumps(row.to_dict()))
+    assert "out_heads" not in data
+    back = measure.BenchRow.from_dict(data)
+    assert back == row and back.out_heads is None and back.passes == 5
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written."""
+
+    def __init__(self):
+        self.text = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_is_off_when_stderr_is_not_a_terminal():
+    import io
+
+    assert cli.progress_wanted(False, io.StringIO()) is False
+    assert cli.progress_wanted(False, _Terminal()) is True
+    assert cli.progress_wanted(True, _Terminal()) is False
+
+
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_progress_per_shape_and_no_progress(no_progress, monkeypatch, capsys):
+    """On a terminal each shape shows its rows (here without tqdm: one line per row); --no-progress: nothing."""
+    terminal = _Terminal()
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm absent: the fallback, not an ImportError
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["--quick", "--shapes", "tiny-96,2x48x8", "--backends", "torch", "--repeat", "1", "--isolation", "none"]
+    assert cli.main(argv + (["--no-progress"] if no_progress else [])) == 0
+    written = "".join(terminal.text)
+    if no_progress:
+        assert written == ""
+    else:
+        assert "[tiny-96 1/2] sdpa T=0" in written and "[2x48x8 2/2] torch T=2" in written
+    assert "SPEC goals on this machine:" in capsys.readouterr().out
+
+
+def test_tqdm_bar_per_shape_on_a_terminal_without_a_size(monkeypatch):
+    """With tqdm (the bench extra) each shape gets its own bar, also on a terminal reporting no size."""
+    pytest.importorskip("tqdm", reason="tqdm is in the bench extra")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = cli.Progress(True)
+    for name in ("tiny-96", "2x48x8"):
+        progress.shape(name, 2)
+        for label in ("sdpa T=0", "torch T=2"):
+            progress.start(label)
+            progress.advance()
+    progress.close()
+    written = "".join(terminal.text)
+    assert "tiny-96: 100%" in written and "2x48x8: 100%" in written and "2/2" in written and "torch T=2" in written

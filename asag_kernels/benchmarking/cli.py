@@ -27,12 +27,10 @@ timed, output paths included.
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import json
 import math
 import os
-import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +42,10 @@ import torch
 
 from .. import __version__, backends
 from .._spec import ALL_SHAPES, CPU_SHAPES, GPU_SHAPES, QUICK_SHAPES, SHAPES, out_tolerance
-from . import core, goals
+from . import core
+from .goals import format_verdict, verdict
+from .measure import BenchRow, error_against, measure, new_row
+from .report import format_header, format_table, report_provenance, write_csv, write_plot
 
 # "reference" is the error oracle, not a timed row.
 TIMED_BACKENDS = tuple(name for name in backends.BACKENDS if name != "reference")
@@ -54,8 +55,6 @@ MAX_ITERS = 1000
 MAX_CALLS = 10_000
 MAX_DIM = 2**31 - 1
 MAX_MEM_BUDGET_MIB = 2.0**30
-# The start-up call before the peak-memory probe runs on [1, 2, 64, D] inputs.
-STARTUP_SHAPE_TOKENS = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", type=_output_path, metavar="PATH", help="write the results as CSV")
     parser.add_argument("--plot", type=_output_path, metavar="PATH",
                         help="write a PNG of time against N per backend (needs matplotlib)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-progress", action="store_true", help=(
+        "no progress bar on stderr (also off when stderr is not a terminal)"))
     parser.add_argument("--_row", help=argparse.SUPPRESS)
     return parser
 
@@ -257,34 +257,7 @@ def resolve_config(args, parser) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# One row: timing and peak memory (in the row's own subprocess on a CPU, in-process on a GPU)
-
-
-def measure_row(backend: str, q, k, v, *, num_iters: int, warmup: int, repeat: int, heads: list[int]) -> dict:
-    """Peak memory of `backend`'s first call, then its calls timed interleaved with SDPA's."""
-    device = q.device
-    index = torch.tensor(heads, device=device)
-    call = core.make_call(backend, q, k, v, num_iters)
-    sdpa = core.make_call("sdpa", q, k, v, num_iters)
-    with torch.inference_mode():
-        small = core.make_inputs((2, STARTUP_SHAPE_TOKENS, q.shape[-1]), q.dtype, device)
-        core.make_call(backend, *small, num_iters)()  # library start-up is not this call's memory
-        del small
-        with core.PeakMemory(device) as memory:
-            out = call()
-        first = out.index_select(1, index).cpu()
-        del out
-        fns = [call] if backend == "sdpa" else [call, sdpa]
-        stats = core.time_fns(fns, device=device, warmup=max(0, warmup - 1), reps=repeat)
-        last = call().index_select(1, index).cpu()
-    return {
-        "times_ms": stats[0].times_ms,
-        "sdpa_times_ms": stats[-1].times_ms,
-        "timing_method": stats[0].method,
-        "peak_mem_mib": memory.mib,
-        "out_heads": last,
-        "deterministic": bool(torch.equal(first, last)) if bool(torch.isfinite(last).all()) else False,
-    }
+# One row in its own subprocess (on a CPU): the measurement itself is measure.measure
 
 
 def _child_main(spec_path: str) -> int:
@@ -292,20 +265,21 @@ def _child_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     q, k, v = torch.load(spec["inputs"], weights_only=True)
-    row = measure_row(
+    row = measure(
         spec["backend"], q, k, v,
         num_iters=spec["num_iters"], warmup=spec["warmup"], repeat=spec["repeat"], heads=spec["heads"],
+        name=spec["name"],
     )
-    torch.save(row.pop("out_heads"), spec["out_heads"])
-    Path(spec["result"]).write_text(json.dumps(row))
+    torch.save(row.out_heads, spec["out_heads"])
+    Path(spec["result"]).write_text(json.dumps(row.to_dict()))
     return 0
 
 
-def measure_row_in_subprocess(backend, inputs_path, *, num_iters, warmup, repeat, heads, workdir) -> dict:
+def measure_in_subprocess(backend, inputs_path, *, name, num_iters, warmup, repeat, heads, workdir) -> BenchRow:
     tag = f"{backend}-{num_iters}"
     spec = {
-        "backend": backend, "num_iters": num_iters, "warmup": warmup, "repeat": repeat, "heads": heads,
-        "threads": torch.get_num_threads(), "inputs": str(inputs_path),
+        "backend": backend, "name": name, "num_iters": num_iters, "warmup": warmup, "repeat": repeat,
+        "heads": heads, "threads": torch.get_num_threads(), "inputs": str(inputs_path),
         "result": str(workdir / f"{tag}.json"), "out_heads": str(workdir / f"{tag}.pt"),
     }
     spec_path = workdir / f"{tag}.spec.json"
@@ -317,8 +291,8 @@ def measure_row_in_subprocess(backend, inputs_path, *, num_iters, warmup, repeat
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"row subprocess exited {proc.returncode}: " + " | ".join(tail))
-    row = json.loads(Path(spec["result"]).read_text())
-    row["out_heads"] = torch.load(spec["out_heads"], weights_only=True)
+    row = BenchRow.from_dict(json.loads(Path(spec["result"]).read_text()))
+    row.out_heads = torch.load(spec["out_heads"], weights_only=True)
     return row
 
 
@@ -326,27 +300,44 @@ def measure_row_in_subprocess(backend, inputs_path, *, num_iters, warmup, repeat
 # The run
 
 
-class Progress:
-    """A tqdm bar on stderr (``bar`` and tqdm installed), else one line per step on stderr; nothing
-    when not ``enabled`` (--no-progress)."""
+def progress_wanted(no_progress: bool, stream=None) -> bool:
+    """A progress bar only for a person watching: not with --no-progress, not when stderr is a file or pipe."""
+    stream = sys.stderr if stream is None else stream
+    return not no_progress and bool(getattr(stream, "isatty", lambda: False)())
 
-    def __init__(self, total: int, enabled: bool, bar: bool = True):
-        self.total, self.enabled, self.done, self.bar = total, enabled, 0, None
-        if enabled and bar:
+
+class Progress:
+    """One progress bar per shape on stderr: tqdm when installed (the bench extra), else one line per row."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.tqdm = enabled, None, None
+        self.label, self.done, self.total = "", 0, 0
+        if enabled:
             try:
                 from tqdm import tqdm
             except ImportError:
                 tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, file=sys.stderr, unit="row", dynamic_ncols=True)
+            self.tqdm = tqdm
+
+    def shape(self, name: str, total: int) -> None:
+        self.close()
+        self.label, self.done, self.total = name, 0, total
+        if self.enabled and self.tqdm is not None:
+            # A terminal that reports no size (a pty without one) would get no bar from tqdm: 100x40 then.
+            try:
+                sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except (OSError, ValueError, AttributeError):
+                sized = False
+            self.bar = self.tqdm(total=total, desc=name, file=sys.stderr, unit="row", dynamic_ncols=sized,
+                                 ncols=None if sized else 100, nrows=None if sized else 40)
 
     def start(self, label: str) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_description(label)
+            self.bar.set_postfix_str(label)
         else:
-            print(f"[{self.done + 1}/{self.total}] {label} ...", file=sys.stderr, flush=True)
+            print(f"[{self.label} {self.done + 1}/{self.total}] {label} ...", file=sys.stderr, flush=True)
 
     def advance(self) -> None:
         self.done += 1
@@ -356,23 +347,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
-def result_row(name, shape, backend, dtype, num_iters, **values) -> dict:
-    heads, tokens, head_dim = shape
-    row = {
-        "shape": name, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "num_iters": num_iters,
-        "median_ms": None, "vs_sdpa": None, "peak_mem_mib": None, "rel_err": None,
-        "heads": heads, "tokens": tokens, "head_dim": head_dim, "passes": core.logit_passes(backend, num_iters),
-    }
-    row.update(values)
-    return row
-
-
-def run_benchmark(cfg: Config, progress_enabled: bool, bar: bool = True) -> list[dict]:
+def run_benchmark(cfg: Config, progress_enabled: bool) -> list[BenchRow]:
     plans = [[(b, t) for b in cfg.backends for t in ([0] if b == "sdpa" else cfg.iters)] for _ in cfg.shapes]
-    progress = Progress(sum(len(p) for p in plans), progress_enabled, bar=bar)
-    results: list[dict] = []
+    progress = Progress(progress_enabled)
+    results: list[BenchRow] = []
     tolerance = out_tolerance(cfg.dtype)
     with tempfile.TemporaryDirectory(prefix="asag-bench-") as tmp:
         workdir = Path(tmp)
@@ -383,178 +364,45 @@ def run_benchmark(cfg: Config, progress_enabled: bool, bar: bool = True) -> list
             if cfg.isolate:
                 torch.save((q, k, v), inputs_path)
             slice_heads = core.error_heads(heads)
+            progress.shape(name, len(plan))
             oracles: dict[tuple[str, int], tuple[torch.Tensor, str]] = {}
             for backend, num_iters in plan:
-                progress.start(f"{name} {backend} T={num_iters}")
+                progress.start(f"{backend} T={num_iters}")
                 row_args = (name, shape, backend, cfg.dtype, num_iters)
                 need = core.materialised_bytes(heads, tokens, tokens, cfg.dtype)
                 if backend == "naive" and need > cfg.mem_budget:
                     reason = (f"its [H, N, N] temporaries need about {need / 2**20:,.1f} MiB, over the "
                               f"{cfg.mem_budget / 2**20:,.1f} MiB budget (--mem-budget-mib)")
-                    results.append(result_row(*row_args, skipped=reason))
+                    results.append(new_row(*row_args, skipped=reason))
                     progress.advance()
                     continue
                 oracle_key = ("sdpa", 0) if backend == "sdpa" else ("sinkhorn", num_iters)
                 try:
                     if cfg.isolate:
-                        measured = measure_row_in_subprocess(
-                            backend, inputs_path, num_iters=num_iters, warmup=cfg.warmup, repeat=cfg.repeat,
-                            heads=slice_heads, workdir=workdir,
+                        row = measure_in_subprocess(
+                            backend, inputs_path, name=name, num_iters=num_iters, warmup=cfg.warmup,
+                            repeat=cfg.repeat, heads=slice_heads, workdir=workdir,
                         )
                     else:
-                        measured = measure_row(
-                            backend, q, k, v, num_iters=num_iters, warmup=cfg.warmup, repeat=cfg.repeat,
-                            heads=slice_heads,
-                        )
+                        row = measure(backend, q, k, v, num_iters=num_iters, warmup=cfg.warmup, repeat=cfg.repeat,
+                                      heads=slice_heads, name=name)
                     if cfg.oracle and oracle_key not in oracles:
                         oracles[oracle_key] = core.oracle_output(
                             q, k, v, backend=backend, num_iters=num_iters, heads=slice_heads, mem_budget=cfg.mem_budget
                         )
                 except Exception as exc:  # a broken backend is a row, not the end of the run
-                    results.append(result_row(*row_args, error=f"{type(exc).__name__}: {exc}"))
+                    results.append(new_row(*row_args, error=f"{type(exc).__name__}: {exc}"))
                     progress.advance()
                     continue
-                median = statistics.median(measured["times_ms"])
-                sdpa_median = statistics.median(measured["sdpa_times_ms"])
-                error: dict = {}
                 if cfg.oracle:
-                    ref, oracle_name = oracles[oracle_key]
-                    rel_err = core.relative_error(measured["out_heads"], ref)
-                    error = dict(rel_err=rel_err, rel_err_heads=slice_heads, rel_err_oracle=oracle_name,
-                                 within_tolerance=bool(rel_err <= tolerance))
-                results.append(result_row(
-                    *row_args, median_ms=median, vs_sdpa=median / sdpa_median, peak_mem_mib=measured["peak_mem_mib"],
-                    sdpa_median_ms=sdpa_median, times_ms=measured["times_ms"], deterministic=measured["deterministic"],
-                    **error,
-                ))
+                    error_against(row, oracles[oracle_key], slice_heads, tolerance)
+                row.out_heads = None
+                results.append(row)
                 progress.advance()
             del q, k, v, oracles
             inputs_path.unlink(missing_ok=True)
     progress.close()
     return results
-
-
-def _command_line() -> str:
-    prog = "asag-bench" if Path(sys.argv[0]).name == "asag-bench" else "python -m asag_kernels.bench"
-    return " ".join([prog, shlex.join(sys.argv[1:])]).strip()
-
-
-def report_provenance(cfg: Config) -> dict:
-    prov = core.provenance(cfg.device)
-    timing = ("CUDA events around each call, L2 flushed before each" if cfg.device.type == "cuda"
-              else "time.perf_counter around each call")
-    prov.update({
-        "command": _command_line(),
-        "repeat": cfg.repeat,
-        "warmup": cfg.warmup,
-        "cost": core.COST,
-        "epsilon": core.EPSILON,
-        "mem_budget_mib": round(cfg.mem_budget / 2**20),
-        "timing_method": timing + "; SDPA's calls interleaved with the row's",
-        "peak_mem_method": (
-            core.PeakMemory(cfg.device).method + ", over the first call after a start-up call on tiny inputs"
-            + (", each row in a fresh subprocess" if cfg.isolate else ", rows in one process")
-        ),
-        "backend_status": backends.backend_status(),
-        "skipped_backends": cfg.skipped_backends,
-    })
-    return prov
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(results: list[dict]) -> str:
-    header = ("shape", "HxNxD", "backend", "dtype", "T", "passes", "median ms", "vs sdpa", "peak MiB", "rel err", "note")
-    lines = []
-    for r in results:
-        if r.get("skipped"):
-            note = f"skipped: {r['skipped']}"
-        elif r.get("error"):
-            note = f"ERROR {r['error']}"
-        else:
-            flags = []
-            if r.get("within_tolerance") is False:
-                flags.append("rel_err over SPEC §4 tolerance")
-            if not r["deterministic"]:
-                flags.append("not bitwise deterministic")
-            note = "; ".join(flags)
-        lines.append((
-            r["shape"], f"{r['heads']}x{r['tokens']}x{r['head_dim']}", r["backend"], r["dtype"], str(r["num_iters"]),
-            str(r["passes"]), _fmt(r["median_ms"], ",.2f"), _fmt(r["vs_sdpa"], ".2f"),
-            _fmt(r["peak_mem_mib"], ",.1f"), _fmt(r["rel_err"], ".1e"), note,
-        ))
-    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i]) for i in range(len(header))]
-    right = {4, 5, 6, 7, 8, 9}
-
-    def render(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([render(header), render(["-" * w for w in widths])] + [render(line) for line in lines])
-
-
-def format_header(report: dict) -> str:
-    prov = report["provenance"]
-    lines = [
-        f"asag-bench  asag_kernels {report['asag_kernels']}  torch {report['torch']}  triton {prov['triton']}  "
-        f"python {prov['python']}  commit {prov['git_commit']}",
-        f"device: {report['device']}",
-        f"date:   {prov['utc']}   command: {prov['command']}",
-        f"cost={prov['cost']} epsilon={prov['epsilon']} warmup={prov['warmup']} repeat={prov['repeat']} "
-        f"(median of repeat; vs sdpa = time / sdpa time in the same process)",
-        f"timing: {prov['timing_method']}",
-        f"peak memory: {prov['peak_mem_method']}",
-    ]
-    for name, reason in prov["skipped_backends"].items():
-        lines.append(f"not timed: {name}: {reason}")
-    return "\n".join(lines)
-
-
-CSV_COLUMNS = ["shape", "backend", "dtype", "num_iters", "median_ms", "vs_sdpa", "peak_mem_mib", "rel_err",
-               "heads", "tokens", "head_dim", "passes", "sdpa_median_ms", "within_tolerance", "deterministic",
-               "skipped", "error"]
-
-
-def write_csv(path: Path, results: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in results:
-            writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in CSV_COLUMNS})
-
-
-def write_plot(path: Path, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    measured = [r for r in report["results"] if r["median_ms"] is not None]
-    labelled_shapes = set()
-    for backend in dict.fromkeys((r["backend"], r["num_iters"]) for r in measured):
-        points = sorted((r["tokens"], r["median_ms"], r["shape"]) for r in measured if (r["backend"], r["num_iters"]) == backend)
-        label = backend[0] if backend[0] == "sdpa" else f"{backend[0]} (T={backend[1]})"
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        for n, ms, shape in points:
-            if shape not in labelled_shapes:  # name each shape once, at its first backend's point
-                labelled_shapes.add(shape)
-                ax.annotate(shape, (n, ms), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("N = Nq = Nk (tokens)")
-    ax.set_ylabel("median time per call (ms)")
-    ax.set_title(f"{report['device']}, {measured[0]['dtype'] if measured else ''}", fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -579,28 +427,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(format_header(report), flush=True)
     wall = time.perf_counter()
-    # The bar only where someone watches (a terminal); redirected, one line per row instead.
-    report["results"] = run_benchmark(cfg, progress_enabled=not args.no_progress, bar=sys.stderr.isatty())
+    rows = run_benchmark(cfg, progress_enabled=progress_wanted(args.no_progress))
+    report["results"] = [row.to_dict() for row in rows]
     report["provenance"]["wall_s"] = round(time.perf_counter() - wall, 1)
 
     print()
-    print(format_table(report["results"]))
+    print(format_table(rows))
     print(f"\nrel err: on heads {{0, H-1}} against the float64 oracle (sdpa: float64 softmax attention); "
           f"passes: over the Nq x Nk logits. Wall time {report['provenance']['wall_s']} s.")
-    verdict = goals.verdicts(report["results"], device_type=cfg.device.type, dtype=str(cfg.dtype).replace("torch.", ""))
-    report["verdict"] = [v.to_dict() for v in verdict]
+    verdicts = verdict(rows, cfg.device.type)
+    report["verdict"] = [dataclasses.asdict(v) for v in verdicts]
     print()
-    print(goals.format_verdicts(verdict))
+    print(format_verdict(verdicts), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.csv:
-        write_csv(args.csv, report["results"])
+        write_csv(args.csv, rows)
         print(f"wrote {args.csv}")
     if args.plot:
-        write_plot(args.plot, report)
+        write_plot(args.plot, rows, report["device"])
         print(f"wrote {args.plot}")
-    return 1 if any("error" in r for r in report["results"]) else 0
+    return 1 if any(row.error for row in rows) else 0
 
 
 if __name__ == "__main__":

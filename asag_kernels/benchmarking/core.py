@@ -385,8 +385,16 @@ def git_commit(path: Path | None = None) -> str:
         return "unknown (git unavailable)"
 
 
+# Scripts whose argv[0] is a module file: the command a user types is the module entry.
+MODULE_ENTRIES = {"bench.py": "python -m asag_kernels.bench", "cli.py": "python -m asag_kernels.bench",
+                  "__main__.py": "python -m asag_kernels.bench"}
+
+
 def command_line() -> str:
-    return shlex.join([Path(sys.argv[0]).name or "python", *sys.argv[1:]])
+    """The command that ran, as its user typed it (``asag-bench ...``, ``python -m asag_kernels.bench ...``,
+    ``gpu_check.py ...``): every benchmark's provenance records this one."""
+    name = Path(sys.argv[0]).name or "python"
+    return " ".join([MODULE_ENTRIES.get(name, shlex.quote(name)), shlex.join(sys.argv[1:])]).strip()
 
 
 def provenance(device=None) -> dict:

@@ -1,103 +1,126 @@
-"""The SPEC/issue goals a benchmark run is judged against, and the verdict lines ``asag-bench`` ends with.
+"""The verdict that ends an ``asag-bench`` run: each benchmark goal (``asag_kernels._spec``, from
+docs/PERF.md's issues 3-5 and SPEC §4) PASS or FAIL with the measured figure, or "not measured here"
+with the reason (a GPU goal on a CPU machine, a row this run did not take). Never PASS without a row.
 
-Each goal applies to some rows; on a machine that cannot measure it (a GPU goal on a CPU, a shape the
-run left out) it is reported as not measured, never as PASS.
+``verdict(rows, device_type) -> list[Verdict]``; ``Verdict.line()`` is the printed line, e.g.
+``PASS  cpu sdxl-64 T=2: 1.14x SDPA (goal <= 1.5x)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-# CPU (issue 3, docs/PERF.md): the cpu backend at sdxl-64, float32, num_iters=2.
-CPU_GOAL_SHAPE = "sdxl-64"
-CPU_GOAL_ITERS = 2
-CPU_VS_SDPA_GOAL = 1.5          # x SDPA in the same process (stretch 1.2x, reported, not required)
-CPU_VS_SDPA_STRETCH = 1.2
-CPU_EXTRA_PEAK_GOAL_MIB = 300.0  # peak over the inputs, output included (SPEC §6)
-# GPU (issues 4 and 5, benchmarks/gpu_check.py): triton within (2T+1)x SDPA; cuda at least as fast as triton.
-GPU_GOAL_SHAPES = ("sdxl-64", "flux-1k")
+from .. import _spec
+from .measure import BenchRow
 
-PASS, FAIL, NOT_MEASURED = "PASS", "FAIL", "NOT MEASURED"
+PASS, FAIL, NOT_MEASURED = "PASS", "FAIL", "not measured here"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Verdict:
-    status: str   # PASS, FAIL or NOT MEASURED
-    goal: str
-    detail: str   # the measured figure against the goal, or why it was not measured
+    status: str  # PASS, FAIL or NOT_MEASURED
+    goal: str  # what is checked, e.g. "cpu sdxl-64 T=2"
+    detail: str  # the measured figure and the bound, or why it was not measured
+    required: bool = True
 
     def line(self) -> str:
-        return f"{self.status:<12} {self.goal}: {self.detail}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _measured(rows):
-    return [r for r in rows if not r.get("skipped") and not r.get("error") and r.get("median_ms") is not None]
+        tail = "" if self.required else " [stretch, not required]"
+        if self.status == NOT_MEASURED:
+            return f"--    {self.goal}: {NOT_MEASURED} ({self.detail}){tail}"
+        return f"{self.status:<4}  {self.goal}: {self.detail}{tail}"
 
 
-def verdicts(rows: list[dict], *, device_type: str, dtype: str) -> list[Verdict]:
-    """The verdicts for ``rows`` (``asag-bench`` result rows) measured on ``device_type`` in ``dtype``."""
-    out = []
-    measured = _measured(rows)
-    checked = [r for r in measured if r.get("within_tolerance") is not None]
-    if checked:
-        worst = max(checked, key=lambda r: r["rel_err"])
-        bad = [r for r in checked if not r["within_tolerance"]]
-        out.append(Verdict(FAIL if bad else PASS, "SPEC §4 accuracy on every row",
-                           f"{len(checked) - len(bad)}/{len(checked)} rows within tolerance; worst rel err "
-                           f"{worst['rel_err']:.1e} ({worst['shape']} {worst['backend']} T={worst['num_iters']})"))
+def _find(rows: list[BenchRow], shape: str, backend: str, num_iters: int | None = None) -> BenchRow | None:
+    for row in rows:
+        if (row.shape, row.backend) == (shape, backend) and (num_iters is None or row.num_iters == num_iters) \
+                and row.measured:
+            return row
+    return None
+
+
+def _check(ok: bool) -> str:
+    return PASS if ok else FAIL
+
+
+def cpu_verdicts(rows: list[BenchRow], on_cpu: bool) -> list[Verdict]:
+    shape, t = _spec.CPU_GOAL_SHAPE, _spec.GOAL_ITERS
+    name = f"cpu {shape} T={t}"
+    goals = [
+        (f"{name} vs SDPA", True), (f"{name} vs SDPA", False), (f"{name} vs naive", True), (f"{name} extra peak", True),
+    ]
+    if not on_cpu:
+        return [Verdict(NOT_MEASURED, g, "CPU goal, this run is on a GPU", req) for g, req in goals]
+    cpu = _find(rows, shape, "cpu", t)
+    if cpu is None:
+        why = f"no measured {shape} cpu T={t} row in this run"
+        return [Verdict(NOT_MEASURED, g, why, req) for g, req in goals]
+    out = [
+        Verdict(_check(cpu.vs_sdpa <= _spec.CPU_MAX_VS_SDPA), goals[0][0],
+                f"{cpu.vs_sdpa:.2f}x SDPA (goal <= {_spec.CPU_MAX_VS_SDPA:g}x)"),
+        Verdict(_check(cpu.vs_sdpa <= _spec.CPU_STRETCH_VS_SDPA), goals[1][0],
+                f"{cpu.vs_sdpa:.2f}x SDPA (stretch <= {_spec.CPU_STRETCH_VS_SDPA:g}x)", required=False),
+    ]
+    naive = _find(rows, shape, "naive", t)
+    if naive is None:
+        out.append(Verdict(NOT_MEASURED, goals[2][0], f"no measured {shape} naive T={t} row in this run"))
     else:
-        out.append(Verdict(NOT_MEASURED, "SPEC §4 accuracy on every row", "no row was checked (--no-oracle)"))
-    kernels = [r for r in measured if r["backend"] != "sdpa"]
-    if kernels:
-        nondet = [r for r in kernels if not r.get("deterministic")]
-        out.append(Verdict(FAIL if nondet else PASS, "bitwise deterministic (two calls equal)",
-                           f"{len(kernels) - len(nondet)}/{len(kernels)} rows"))
-    goal = f"cpu {CPU_GOAL_SHAPE} float32 T={CPU_GOAL_ITERS}"
-    row = next((r for r in measured if r["shape"] == CPU_GOAL_SHAPE and r["backend"] == "cpu"
-                and r["num_iters"] == CPU_GOAL_ITERS and r["dtype"] == "float32"), None)
-    if device_type != "cpu" or row is None:
-        why = ("not a CPU run" if device_type != "cpu" else
-               f"this run has no cpu row at {CPU_GOAL_SHAPE}, float32, T={CPU_GOAL_ITERS}"
-               + ("" if dtype == "float32" else f" (dtype {dtype})"))
-        out.append(Verdict(NOT_MEASURED, f"{goal}: time <= {CPU_VS_SDPA_GOAL:g}x SDPA", why))
-        out.append(Verdict(NOT_MEASURED, f"{goal}: extra peak <= {CPU_EXTRA_PEAK_GOAL_MIB:g} MiB", why))
+        speedup = naive.median_ms / cpu.median_ms
+        out.append(Verdict(_check(speedup >= _spec.CPU_MIN_VS_NAIVE), goals[2][0],
+                           f"{speedup:.1f}x faster than naive (goal >= {_spec.CPU_MIN_VS_NAIVE:g}x)"))
+    if cpu.peak_mem_mib is None:
+        out.append(Verdict(NOT_MEASURED, goals[3][0], "peak memory cannot be measured on this system"))
     else:
-        ratio = row["vs_sdpa"]
-        stretch = "stretch reached" if ratio <= CPU_VS_SDPA_STRETCH else f"stretch <= {CPU_VS_SDPA_STRETCH:g}x not reached"
-        out.append(Verdict(PASS if ratio <= CPU_VS_SDPA_GOAL else FAIL, f"{goal}: time <= {CPU_VS_SDPA_GOAL:g}x SDPA",
-                           f"{ratio:.2f}x SDPA ({row['median_ms']:,.0f} ms vs {row['sdpa_median_ms']:,.0f} ms; {stretch})"))
-        peak = row.get("peak_mem_mib")
-        if peak is None:
-            out.append(Verdict(NOT_MEASURED, f"{goal}: extra peak <= {CPU_EXTRA_PEAK_GOAL_MIB:g} MiB",
-                               "peak memory was not measured for this row"))
-        else:
-            out.append(Verdict(PASS if peak <= CPU_EXTRA_PEAK_GOAL_MIB else FAIL,
-                               f"{goal}: extra peak <= {CPU_EXTRA_PEAK_GOAL_MIB:g} MiB", f"{peak:,.1f} MiB"))
-    if device_type != "cuda":
-        shapes = " and ".join(GPU_GOAL_SHAPES)
-        out.append(Verdict(NOT_MEASURED, f"triton <= (2T+1)x SDPA at {shapes}", "no GPU here (benchmarks/gpu_check.py)"))
-        out.append(Verdict(NOT_MEASURED, f"cuda at least as fast as triton at {shapes}", "no GPU here (benchmarks/gpu_check.py)"))
-    else:
-        for shape in GPU_GOAL_SHAPES:
-            for r in [r for r in measured if r["shape"] == shape and r["backend"] == "triton"]:
-                limit = 2 * r["num_iters"] + 1
-                out.append(Verdict(PASS if r["vs_sdpa"] <= limit else FAIL,
-                                   f"triton {shape} T={r['num_iters']}: <= {limit}x SDPA", f"{r['vs_sdpa']:.2f}x SDPA"))
-                cuda = next((c for c in measured if c["shape"] == shape and c["backend"] == "cuda"
-                             and c["num_iters"] == r["num_iters"]), None)
-                if cuda is not None:
-                    out.append(Verdict(PASS if cuda["median_ms"] <= r["median_ms"] else FAIL,
-                                       f"cuda {shape} T={r['num_iters']}: at least as fast as triton",
-                                       f"{cuda['median_ms']:.3f} ms vs triton {r['median_ms']:.3f} ms"))
+        out.append(Verdict(_check(cpu.peak_mem_mib <= _spec.CPU_MAX_EXTRA_PEAK_MIB), goals[3][0],
+                           f"{cpu.peak_mem_mib:.0f} MiB (goal <= {_spec.CPU_MAX_EXTRA_PEAK_MIB:g} MiB)"))
     return out
 
 
-def format_verdicts(items: list[Verdict]) -> str:
-    passed = sum(v.status == PASS for v in items)
-    failed = sum(v.status == FAIL for v in items)
-    lines = ["verdict (the goals that apply on this machine):"] + ["  " + v.line() for v in items]
-    lines.append(f"  {passed} passed, {failed} failed, {len(items) - passed - failed} not measured here")
-    return "\n".join(lines)
+def gpu_verdicts(rows: list[BenchRow], on_gpu: bool) -> list[Verdict]:
+    out = []
+    iters = sorted({r.num_iters for r in rows if r.backend not in ("sdpa", "naive")}) or [_spec.GOAL_ITERS]
+    for shape in _spec.GPU_GOAL_SHAPES:
+        for t in iters:
+            budget = f"<= {_spec.GPU_MAX_BUDGET:g}*(2T+1) = {_spec.GPU_MAX_BUDGET * (2 * t + 1):g}x"
+            goals = [(f"triton {shape} T={t} vs SDPA", budget), (f"cuda {shape} T={t} vs triton", "cuda <= triton")]
+            if not on_gpu:
+                out += [Verdict(NOT_MEASURED, g, f"no GPU; goal {b}") for g, b in goals]
+                continue
+            triton, cuda = _find(rows, shape, "triton", t), _find(rows, shape, "cuda", t)
+            if triton is None:
+                out.append(Verdict(NOT_MEASURED, goals[0][0], f"no measured {shape} triton T={t} row in this run"))
+            else:
+                limit = _spec.GPU_MAX_BUDGET * (2 * t + 1)
+                out.append(Verdict(_check(triton.vs_sdpa <= limit), goals[0][0],
+                                   f"{triton.vs_sdpa:.2f}x SDPA (goal {budget})"))
+            if triton is None or cuda is None:
+                out.append(Verdict(NOT_MEASURED, goals[1][0], f"no measured {shape} T={t} cuda and triton rows"))
+            else:
+                out.append(Verdict(_check(cuda.median_ms <= triton.median_ms), goals[1][0],
+                                   f"cuda {cuda.median_ms:.3f} ms, triton {triton.median_ms:.3f} ms (goal cuda <= triton)"))
+    return out
+
+
+def accuracy_verdict(rows: list[BenchRow]) -> Verdict:
+    checked = [r for r in rows if r.within_tolerance is not None]
+    goal = "SPEC §4 accuracy, every row"
+    if not checked:
+        return Verdict(NOT_MEASURED, goal, "no row checked against the float64 oracle (--no-oracle?)")
+    bad = [f"{r.shape} {r.backend} T={r.num_iters} {r.rel_err:.1e}" for r in checked if not r.within_tolerance]
+    worst = max(checked, key=lambda r: r.rel_err)
+    detail = (f"{len(checked)} rows within tolerance, worst rel err {worst.rel_err:.1e} ({worst.shape} {worst.backend})"
+              if not bad else f"over tolerance: {'; '.join(bad)}")
+    return Verdict(_check(not bad), goal, detail)
+
+
+def verdict(rows: list[BenchRow], device_type: str) -> list[Verdict]:
+    """Every goal, in a fixed order: SPEC §4 accuracy, the CPU goals, the GPU goals."""
+    on_gpu = device_type == "cuda"
+    return [accuracy_verdict(rows), *cpu_verdicts(rows, not on_gpu), *gpu_verdicts(rows, on_gpu)]
+
+
+def format_verdict(verdicts: list[Verdict]) -> str:
+    failed = [v for v in verdicts if v.required and v.status == FAIL]
+    passed = [v for v in verdicts if v.status == PASS]
+    unmeasured = [v for v in verdicts if v.status == NOT_MEASURED]
+    summary = (f"verdict: {len(passed)} passed, {len(failed)} required failed, {len(unmeasured)} not measured here")
+    return "\n".join(["SPEC goals on this machine:", *(v.line() for v in verdicts), summary])
