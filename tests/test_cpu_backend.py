@@ -378,3 +378,19 @@ def test_concurrent_calls_from_threads_match_sequential(seed):
     for t in threads:
         t.join()
     assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"seed={seed}"
+
+
+def test_budget_bounds_workspace_and_output_together(monkeypatch):
+    """ASAG_CPU_WORKSPACE_MB bounds the call's whole extra memory (SPEC §6): the kernel gets the budget less the
+    output and the potentials, none below zero; a budget the output alone exceeds streams every row, exactly."""
+    from asag_kernels.backends import cpu as cpu_backend
+
+    q, k, v = make_inputs((2, 3), 40, 56, 16, 24, torch.float32, 0)
+    returned = 6 * (40 * 24 * 4 + 4 * (40 + 56))
+    monkeypatch.setenv("ASAG_CPU_WORKSPACE_MB", "1")
+    assert cpu_backend.call_workspace_bytes(q, k, v) == 2**20 - returned
+    monkeypatch.setenv("ASAG_CPU_WORKSPACE_MB", str(returned / 2 / 2**20))
+    assert cpu_backend.call_workspace_bytes(q, k, v) == 0
+    got = sinkhorn_attention(q, k, v, num_iters=2, backend="cpu", return_potentials=True)
+    ref = sinkhorn_attention(q.double(), k.double(), v.double(), num_iters=2, backend="reference", return_potentials=True)
+    assert_close_to_reference(got, ref, torch.float32, "budget below the output size")

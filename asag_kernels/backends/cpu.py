@@ -1,8 +1,10 @@
 """The fused C++ CPU backend (``csrc/cpu/``), loaded from the compiled ``asag_kernels._C_cpu``.
 
-The kernel caches rows of the Gibbs kernel exp(L − rowmax) within a workspace budget of
-``ASAG_CPU_WORKSPACE_MB`` MiB (default 256, read at every call) and streams the remaining rows,
-recomputing their logits each pass; the budget never changes the result beyond float32 rounding.
+The kernel caches rows of the Gibbs kernel exp(L − rowmax) within a workspace budget and streams the
+remaining rows, recomputing their logits each pass; the budget never changes the result beyond
+float32 rounding. ``ASAG_CPU_WORKSPACE_MB`` MiB (default 256, read at every call) bounds the call's
+whole extra memory: the kernel's budget is what is left of it after the call's output and potentials
+(:func:`call_workspace_bytes`), so the extra peak stays within it on any thread count (SPEC §6).
 ``ASAG_CPU_KEEP_WORKSPACE`` and ``ASAG_CPU_HUGEPAGES`` (read at every call) and ``ASAG_CPU_ISA``
 (read at import) are parsed here, through ``asag_kernels._env``, and handed to the extension.
 The extension releases the GIL while it computes.
@@ -49,9 +51,19 @@ def workspace_bytes() -> int:
     return _env_workspace_bytes("ASAG_CPU_WORKSPACE_MB", DEFAULT_WORKSPACE_MB)
 
 
+def call_workspace_bytes(q, k, v) -> int:
+    """The kernel's budget for one call: ``ASAG_CPU_WORKSPACE_MB`` less what the call returns (the output
+    ``[..., Nq, Dv]`` in v's dtype and the float32 potentials f ``[..., Nq]``, g ``[..., Nk]``), sized from the
+    problem so that workspace + output stays within the one budget (before: workspace alone, so at
+    sdxl-64 with 5 or 10 threads the call's extra peak was the full 256 MiB plus its 10 MiB output)."""
+    problems = q.shape[:-2].numel()
+    returned = problems * (q.shape[-2] * v.shape[-1] * v.element_size() + 4 * (q.shape[-2] + k.shape[-2]))
+    return max(0, workspace_bytes() - returned)
+
+
 def run(q, k, v, *, num_iters, cost_sign, scale, epsilon):
     return _ext.sinkhorn_attention_cpu(
-        q, k, v, num_iters, cost_sign * scale / epsilon, workspace_bytes(),
+        q, k, v, num_iters, cost_sign * scale / epsilon, call_workspace_bytes(q, k, v),
         env_flag("ASAG_CPU_KEEP_WORKSPACE", True), env_flag("ASAG_CPU_HUGEPAGES", True),
     )
 
