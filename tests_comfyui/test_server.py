@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import COMFYUI_DIR, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "examples" / "comfyui_asag_sdxl_api.json"
 ASAG_NODES = ("AdversarialSinkhornAttentionGuidance", "AdversarialSinkhornAttentionGuidanceAdvanced",
               "AdversarialSinkhornAttentionGuidanceDiT")
@@ -128,9 +128,8 @@ class Server:
 def server(tmp_path_factory):
     from tiny_checkpoint import build_sd15_checkpoint
 
-    vendored = Path(os.environ.get("ASAG_COMFYUI_DIR", REPO.parent / "shared" / "vendor" / "ComfyUI"))
     root = tmp_path_factory.mktemp("comfy") / "ComfyUI"
-    shutil.copytree(vendored, root, ignore=shutil.ignore_patterns("__pycache__", ".git", "*.pyc"), symlinks=True)
+    shutil.copytree(COMFYUI_DIR, root, ignore=shutil.ignore_patterns("__pycache__", ".git", "*.pyc"), symlinks=True)
     install = subprocess.run([sys.executable, str(REPO / "scripts" / "install_comfyui.py"), str(root),
                               "--python", sys.executable, *_wheel()], capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stdout + install.stderr

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-NODE_PACK = REPO / "comfyui_asag"
+from conftest import COMFYUI_DIR, NODE_PACK, REPO
 
 WORKFLOW = REPO / "examples" / "comfyui_asag_sdxl_api.json"
 
@@ -77,8 +75,7 @@ def test_node_pack_metadata_follows_the_registry_specification():
     icon = NODE_PACK / comfy["Icon"].rsplit("/comfyui_asag/", 1)[-1]
     assert icon.is_file(), f"the Icon URL points at {icon.name}, which the pack does not ship"
     spec = SpecifierSet(comfy["requires-comfyui"])
-    comfyui_dir = Path(os.environ.get("ASAG_COMFYUI_DIR", REPO.parent / "shared" / "vendor" / "ComfyUI"))
-    tested = re.search(r'__version__ = "([^"]+)"', (comfyui_dir / "comfyui_version.py").read_text()).group(1)
+    tested = re.search(r'__version__ = "([^"]+)"', (COMFYUI_DIR / "comfyui_version.py").read_text()).group(1)
     assert Version(tested) in spec, f"requires-comfyui {spec} excludes the tested ComfyUI {tested}"
 
 
@@ -182,12 +179,11 @@ def test_missing_asag_kernels_logs_one_line_and_comfyui_goes_on(tmp_path):
         "        if name == 'asag_kernels' or name.startswith('asag_kernels.'):\n"
         "            raise ModuleNotFoundError(f\"No module named {name!r}\", name=name)\n"
         "sys.meta_path.insert(0, _Hide())\n")
-    comfyui_dir = Path(os.environ.get("ASAG_COMFYUI_DIR", REPO.parent / "shared" / "vendor" / "ComfyUI"))
     code = (
         "import asyncio, logging, sys\n"
         "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
         "sys.argv = ['main.py', '--cpu']\n"
-        f"sys.path.insert(0, {str(comfyui_dir)!r})\n"
+        f"sys.path.insert(0, {str(COMFYUI_DIR)!r})\n"
         "import comfy.options; comfy.options.enable_args_parsing()\n"
         "import nodes\n"
         "before = set(nodes.NODE_CLASS_MAPPINGS)\n"
